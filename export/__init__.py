@@ -1,0 +1,1 @@
+"""hiddenstate's offline side: models, data, training, ONNX step export and parity."""

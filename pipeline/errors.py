@@ -1,0 +1,52 @@
+"""Every error hiddenstate raises on purpose.
+
+    HiddenstateError                 root: catch this to catch ours only
+    ├── ConfigError                  a setting is missing, malformed or contradictory
+    ├── ModelContractError           an ONNX file does not follow the step contract
+    ├── ExportError                  a PyTorch model cannot be exported as a causal step
+    ├── ParityError                  the exported graph disagrees with PyTorch
+    ├── BadEventError                one input record cannot be served (goes to the dead-letter topic)
+    ├── KafkaSetupError              broker, topic or group not usable at start
+    └── LocalKafkaError              the local development broker cannot start or stop
+
+Messages say what was wrong, with which input, and what to do about it.
+"""
+
+from __future__ import annotations
+
+
+class HiddenstateError(Exception):
+    """Root of every error raised on purpose by hiddenstate."""
+
+
+class ConfigError(HiddenstateError):
+    """A setting is missing, malformed or contradicts another; the message names it."""
+
+
+class ModelContractError(HiddenstateError):
+    """An ONNX file does not follow the step contract (docs/step-contract.md)."""
+
+
+class ExportError(HiddenstateError):
+    """A PyTorch model cannot be exported as a causal single-step graph."""
+
+
+class ParityError(HiddenstateError):
+    """Stepping the exported graph does not reproduce PyTorch within tolerance."""
+
+
+class BadEventError(HiddenstateError):
+    """One input record cannot be served; `reason` is the dead-letter reason label."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+        self.detail = detail
+
+
+class KafkaSetupError(HiddenstateError):
+    """The broker, a topic or the consumer group cannot be used at start."""
+
+
+class LocalKafkaError(HiddenstateError):
+    """The local development broker (`hiddenstate kafka`) cannot start, stop or be found."""
