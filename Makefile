@@ -1,0 +1,69 @@
+# The two commands of the README, and their parts.
+#   make demo   the main job end to end (train, export, local Kafka, serve, predictions, metrics)
+#   make test   set up everything, start the local broker, run every check and test, stop it
+SHELL := bash
+.SHELLFLAGS := -eu -o pipefail -c
+.ONESHELL:
+
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: setup test lint unit integration kafka-start kafka-stop lock clean
+
+# The virtual environment, installed from the lock (constraints.txt) so that every
+# machine gets the same versions. Rebuilt only when pyproject.toml or the lock change;
+# pip's own cache makes a rebuild on the same machine quick.
+$(STAMP): pyproject.toml constraints.txt
+	[ -x $(BIN)/python ] || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -c constraints.txt -e '.[export,test]'
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+lint: setup
+	$(BIN)/ruff check pipeline export tests
+	$(BIN)/ruff format --check pipeline export tests
+	$(BIN)/mypy
+
+unit: setup
+	$(BIN)/python -m pytest tests/unit
+
+# Uses $$KAFKA_BOOTSTRAP_SERVERS when set; otherwise the fixture starts the local broker.
+integration: setup
+	$(BIN)/python -m pytest tests/integration
+
+kafka-start: setup
+	$(BIN)/hiddenstate kafka start
+
+kafka-stop: setup
+	$(BIN)/hiddenstate kafka stop
+
+# Everything, on a fresh machine: environment, broker, lint, unit and integration tests.
+# The local broker is stopped afterwards even when a step fails (unless it ran before).
+test: setup
+	status=0
+	if [ -z "$${KAFKA_BOOTSTRAP_SERVERS:-}" ]; then
+	  was_running=0; $(BIN)/hiddenstate kafka status >/dev/null && was_running=1
+	  export KAFKA_BOOTSTRAP_SERVERS=$$($(BIN)/hiddenstate kafka start)
+	  [ $$was_running = 1 ] || trap '$(BIN)/hiddenstate kafka stop' EXIT
+	fi
+	$(MAKE) --no-print-directory lint || status=1
+	$(MAKE) --no-print-directory unit || status=1
+	$(MAKE) --no-print-directory integration || status=1
+	exit $$status
+
+# Re-resolve the newest allowed versions and write them to the lock.
+lock:
+	rm -rf .lock-venv
+	$(PYTHON) -m venv .lock-venv
+	.lock-venv/bin/python -m pip install -q --upgrade pip
+	.lock-venv/bin/python -m pip install -q -e '.[export,test]'
+	{ echo "# The versions CI installs. Regenerate with: make lock"; \
+	  .lock-venv/bin/python -m pip freeze --exclude-editable | grep -v '^hiddenstate'; } > constraints.txt
+	rm -rf .lock-venv
+
+clean:
+	rm -rf $(VENV) .kafka artifacts .pytest_cache .mypy_cache .ruff_cache
