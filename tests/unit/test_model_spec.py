@@ -66,7 +66,7 @@ def test_tensor_name_used_twice_is_refused():
 def test_malformed_metadata_names_the_file():
     props = make_spec().to_metadata()
     props["hiddenstate.states"] = json.dumps([{"name": "h"}])
-    with pytest.raises(ModelContractError, match="m.onnx: hiddenstate metadata is incomplete"):
+    with pytest.raises(ModelContractError, match=r"m\.onnx: hiddenstate metadata is incomplete"):
         ModelSpec.from_metadata(props, source="m.onnx")
 
 
