@@ -78,7 +78,7 @@ def test_step_with_the_wrong_number_of_states_says_which_it_needs(ort_gru, gru_w
 
 def test_a_missing_file_is_a_config_error_naming_the_setting(tmp_path):
     with pytest.raises(
-        ConfigError, match="--model / HIDDENSTATE_MODEL: .*missing.onnx' does not exist"
+        ConfigError, match=r"--model / HIDDENSTATE_MODEL: .*missing\.onnx' does not exist"
     ):
         OrtStepModel(tmp_path / "missing.onnx")
 
@@ -178,7 +178,8 @@ def test_cpu_runs_on_the_cpu_provider_without_fallback(ort_gru):
 def test_cuda_without_the_cuda_provider_is_a_clear_error(gru_onnx):
     with pytest.raises(
         ConfigError,
-        match="--device / HIDDENSTATE_DEVICE: cuda requested, but this onnxruntime has no CUDAExecutionProvider.*install onnxruntime-gpu",
+        match=r"--device / HIDDENSTATE_DEVICE: cuda requested, but this onnxruntime has no "
+        r"CUDAExecutionProvider.*install onnxruntime-gpu",
     ):
         OrtStepModel(gru_onnx, device="cuda")
 
