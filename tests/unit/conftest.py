@@ -6,7 +6,9 @@ from pathlib import Path
 
 import onnxruntime
 import pytest
+from prometheus_client import CollectorRegistry
 
+from pipeline.metrics import Metrics
 from pipeline.runtime import OrtStepModel
 from pipeline.testing import (
     NumpyStepModel,
@@ -48,3 +50,9 @@ def ort_gru(gru_onnx: Path) -> OrtStepModel:
 def numpy_gru(gru_weights: StepWeights) -> NumpyStepModel:
     """The GRU in numpy, counting its calls."""
     return NumpyStepModel(gru_weights)
+
+
+@pytest.fixture
+def metrics() -> Metrics:
+    """Metrics on a fresh registry."""
+    return Metrics(CollectorRegistry())
