@@ -2,19 +2,29 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import onnxruntime
 import pytest
 from prometheus_client import CollectorRegistry
 
+from pipeline.config import ProcessingConfig, TopicsConfig
 from pipeline.metrics import Metrics
-from pipeline.runtime import OrtStepModel
+from pipeline.processor import Processor
+from pipeline.runtime import OrtStepModel, StepModel
+from pipeline.state_store import StateStore
 from pipeline.testing import (
+    ManualClock,
     NumpyStepModel,
     StepWeights,
     random_weights,
     write_onnx_step,
+)
+
+TOPICS = TopicsConfig(
+    input_topic="events", output_topic="predictions", dead_letter_topic="events.dead-letter"
 )
 
 
@@ -56,3 +66,43 @@ def numpy_gru(gru_weights: StepWeights) -> NumpyStepModel:
 def metrics() -> Metrics:
     """Metrics on a fresh registry."""
     return Metrics(CollectorRegistry())
+
+
+@pytest.fixture
+def clock() -> ManualClock:
+    """Wall time that moves only when a test says so."""
+    return ManualClock()
+
+
+@pytest.fixture
+def make_processor(metrics: Metrics, clock: ManualClock) -> Callable[..., Processor]:
+    """Build a processor around a model with a fresh store; keyword overrides for limits."""
+
+    def build(
+        model: StepModel,
+        *,
+        max_streams: int = 1000,
+        idle_ttl_seconds: float = 0.0,
+        max_wave_size: int = 256,
+        max_event_bytes: int = 4096,
+        **kwargs: Any,
+    ) -> Processor:
+        store = StateStore(
+            model.spec.states,
+            max_streams=max_streams,
+            idle_ttl_seconds=idle_ttl_seconds,
+            initial_capacity=4,
+            on_evict=metrics.count_eviction,
+        )
+        processing = ProcessingConfig(max_wave_size=max_wave_size, max_event_bytes=max_event_bytes)
+        return Processor(
+            model,
+            store,
+            topics=TOPICS,
+            processing=processing,
+            metrics=metrics,
+            clock=clock,
+            **kwargs,
+        )
+
+    return build
