@@ -304,16 +304,29 @@ def settings_table() -> list[dict[str, str]]:
         elif setting.derived and default == "":
             shown = setting.derived
         else:
-            shown = repr(default) if default == "" else str(default)
+            shown = "(none)" if default == "" else str(default)
+        help_text = setting.help
         if setting.choices:
-            allowed = "|".join(c or '""' for c in setting.choices)
-            help_text = f"{setting.help} ({allowed})"
-        else:
-            help_text = setting.help
+            allowed = "|".join(c for c in setting.choices if c)
+            empty = ", or empty" if "" in setting.choices else ""
+            help_text += f" ({allowed}{empty})"
+        if setting.secret:
+            help_text += "; secret: masked in logs, prefer the environment variable"
         rows.append(
             {"flag": flag_name(name), "env": env_name(name), "default": shown, "help": help_text}
         )
     return rows
+
+
+def settings_markdown() -> str:
+    """The settings table as Markdown (docs/configuration.md embeds it; a test keeps it in sync)."""
+    lines = ["| flag | environment | default | meaning |", "| --- | --- | --- | --- |"]
+    for row in settings_table():
+        default = row["default"]
+        shown = default if default.startswith("(") else f"`{default}`"
+        meaning = row["help"].replace("|", "\\|")
+        lines.append(f"| `{row['flag']}` | `{row['env']}` | {shown} | {meaning} |")
+    return "\n".join(lines)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -8,6 +8,7 @@ Keeping these free of client types is what lets the core be tested without a bro
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 Headers = tuple[tuple[str, bytes], ...]
 """Kafka record headers as kafka-python gives and takes them: `(name, value)` pairs."""
@@ -24,6 +25,20 @@ class InputRecord:
     value: bytes | None
     timestamp_ms: int
     headers: Headers = ()
+
+    @classmethod
+    def from_kafka(cls, record: Any) -> InputRecord:
+        """From a kafka-python `ConsumerRecord` (duck-typed: the core imports no client)."""
+        headers = tuple((name, value) for name, value in (record.headers or ()))
+        return cls(
+            record.topic,
+            record.partition,
+            record.offset,
+            record.key,
+            record.value,
+            record.timestamp,
+            headers,
+        )
 
     @property
     def where(self) -> str:

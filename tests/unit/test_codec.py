@@ -284,3 +284,11 @@ def test_what_the_decoder_accepts_the_packaged_event_schema_accepts(value):
 
 
 FLOAT_SPEC_ABC = ModelSpec(**{**FLOAT_SPEC.__dict__, "input": FEATURES})
+
+
+def test_whitespace_around_the_json_value_is_fine():
+    assert decode(b' \n{"x": [1, 2, 3]}\n ').x == [1, 2, 3]
+
+
+def test_data_after_the_json_value_is_not_json():
+    assert reason_of(b'{"x": [1, 2, 3]} {"x": [4, 5, 6]}') == "not_json"

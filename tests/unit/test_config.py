@@ -1,5 +1,6 @@
 import argparse
 import dataclasses
+from pathlib import Path
 
 import pytest
 
@@ -9,6 +10,7 @@ from pipeline.config import (
     add_arguments,
     from_sources,
     load_config,
+    settings_markdown,
     settings_table,
 )
 from pipeline.errors import ConfigError
@@ -279,3 +281,8 @@ def test_the_default_wave_size_shrinks_to_fit_a_small_store():
     config = load("--max-streams", "10")
     assert config.processing.max_wave_size == 10
     assert config.sources["max_wave_size"] == "derived"
+
+
+def test_the_configuration_page_shows_the_current_settings_table():
+    page = (Path(__file__).parents[2] / "docs" / "configuration.md").read_text()
+    assert settings_markdown() in page
