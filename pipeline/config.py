@@ -1,7 +1,7 @@
 """The serving configuration: one frozen `ServeConfig`, built once at start.
 
 Every setting is declared once, as a field of one of the section dataclasses
-below; its metadata (`_setting(...)`) is the single table that drives the
+below; its metadata (`setting(...)`, pipeline/settings.py) is the single table that drives the
 command-line flag (`--max-streams`), the environment variable
 (`HIDDENSTATE_MAX_STREAMS`), the default, the parsing and the checks.
 Precedence: flag > environment > default. Each component gets only its
@@ -16,48 +16,19 @@ section (`config.store`, `config.runtime`, ...), never the whole object.
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import re
-import typing
-from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass, field, fields
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
+from pipeline import settings
 from pipeline.errors import ConfigError
+from pipeline.settings import setting as _setting
+from pipeline.settings import who as _who
 
-ENV_PREFIX = "HIDDENSTATE_"
 _MASK = "***"
 _TOPIC_NAME = re.compile(r"^[A-Za-z0-9._-]{1,249}$")
-_TRUE = frozenset({"1", "true", "yes", "on"})
-_FALSE = frozenset({"0", "false", "no", "off"})
-
-
-@dataclass(frozen=True)
-class Setting:
-    """How one config field is named, parsed and checked (the field's metadata)."""
-
-    help: str
-    choices: tuple[str, ...] | None = None
-    minimum: float | None = None
-    maximum: float | None = None
-    required: bool = False
-    secret: bool = False
-    derived: str | None = None  # what an empty value means, e.g. "<input_topic>.dead-letter"
-
-
-def _setting(default: Any, help: str, **checks: Any) -> Any:
-    return field(default=default, metadata={"setting": Setting(help=help, **checks)})
-
-
-def flag_name(name: str) -> str:
-    """`max_streams` -> `--max-streams`."""
-    return "--" + name.replace("_", "-")
-
-
-def env_name(name: str) -> str:
-    """`max_streams` -> `HIDDENSTATE_MAX_STREAMS`."""
-    return ENV_PREFIX + name.upper()
 
 
 # --------------------------------------------------------------------------- sections
@@ -257,9 +228,9 @@ class ServeConfig:
     def redacted(self) -> dict[str, Any]:
         """Every effective setting by name, secrets masked: safe to log."""
         values: dict[str, Any] = {}
-        for section_name, name, setting, _ in _table():
-            value = getattr(getattr(self, section_name), name)
-            values[name] = _MASK if setting.secret and value else value
+        for entry in settings.entries(_SECTIONS):
+            value = getattr(getattr(self, entry.section), entry.name)
+            values[entry.name] = _MASK if entry.setting.secret and value else value
         return values
 
     def describe(self) -> str:
@@ -273,60 +244,23 @@ class ServeConfig:
 
 
 def _derived_note(name: str) -> str:
-    for _, n, setting, _ in _table():
-        if n == name and setting.derived:
-            return f": {setting.derived}"
+    for entry in settings.entries(_SECTIONS):
+        if entry.name == name and entry.setting.derived:
+            return f": {entry.setting.derived}"
     return ""
 
 
-# --------------------------------------------------------------------------- the table
-
-
-def _table() -> Iterator[tuple[str, str, Setting, type]]:
-    """`(section, name, setting, python type)` for every setting, in declaration order."""
-    for section_name, cls in _SECTIONS.items():
-        hints = typing.get_type_hints(cls)
-        for f in fields(cls):
-            yield section_name, f.name, f.metadata["setting"], hints[f.name]
-
-
-def _default_of(cls: type, name: str) -> Any:
-    return next(f.default for f in fields(cls) if f.name == name)
+# --------------------------------------------------------------------------- building it
 
 
 def settings_table() -> list[dict[str, str]]:
-    """The settings as rows of flag, env, default and help: for docs and `--help`."""
-    rows = []
-    for section_name, name, setting, _ in _table():
-        default = _default_of(_SECTIONS[section_name], name)
-        if setting.required:
-            shown = "(required)"
-        elif setting.derived and default == "":
-            shown = setting.derived
-        else:
-            shown = "(none)" if default == "" else str(default)
-        help_text = setting.help
-        if setting.choices:
-            allowed = "|".join(c for c in setting.choices if c)
-            empty = ", or empty" if "" in setting.choices else ""
-            help_text += f" ({allowed}{empty})"
-        if setting.secret:
-            help_text += "; secret: masked in logs, prefer the environment variable"
-        rows.append(
-            {"flag": flag_name(name), "env": env_name(name), "default": shown, "help": help_text}
-        )
-    return rows
+    """The settings as rows of flag, env, default and help."""
+    return settings.rows(_SECTIONS)
 
 
 def settings_markdown() -> str:
     """The settings table as Markdown (docs/configuration.md embeds it; a test keeps it in sync)."""
-    lines = ["| flag | environment | default | meaning |", "| --- | --- | --- | --- |"]
-    for row in settings_table():
-        default = row["default"]
-        shown = default if default.startswith("(") else f"`{default}`"
-        meaning = row["help"].replace("|", "\\|")
-        lines.append(f"| `{row['flag']}` | `{row['env']}` | {shown} | {meaning} |")
-    return "\n".join(lines)
+    return settings.markdown(_SECTIONS)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -334,44 +268,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
     Flags default to None so that `from_sources` can tell "not given" from a value.
     """
-    for section_name, name, setting, kind in _table():
-        group_title = f"{section_name} settings"
-        group = _group(parser, group_title)
-        default = _default_of(_SECTIONS[section_name], name)
-        where = f"env {env_name(name)}"
-        if setting.secret:
-            where += "; prefer the environment variable for this secret"
-        shown = "required" if setting.required else f"default {setting.derived or default!r}"
-        help_text = f"{setting.help} [{where}; {shown}]"
-        if kind is bool:
-            group.add_argument(
-                flag_name(name),
-                dest=name,
-                action=argparse.BooleanOptionalAction,
-                default=None,
-                help=help_text,
-            )
-        else:
-            group.add_argument(
-                flag_name(name),
-                dest=name,
-                default=None,
-                metavar=_metavar(setting, kind),
-                help=help_text,
-            )
-
-
-def _group(parser: argparse.ArgumentParser, title: str) -> Any:
-    for group in parser._action_groups:  # argparse offers no public lookup by title
-        if group.title == title:
-            return group
-    return parser.add_argument_group(title)
-
-
-def _metavar(setting: Setting, kind: type) -> str:
-    if setting.choices:
-        return "{" + ",".join(c for c in setting.choices if c) + "}"
-    return {int: "N", float: "X", str: "TEXT"}.get(kind, "VALUE")
+    settings.add_flags(parser, _SECTIONS)
 
 
 def load_config(
@@ -393,21 +290,22 @@ def from_sources(flags: Mapping[str, Any], environ: Mapping[str, str]) -> ServeC
     values: dict[str, dict[str, Any]] = {s: {} for s in _SECTIONS}
     sources: dict[str, str] = {}
     problems: list[str] = []
-    for section_name, name, setting, kind in _table():
+    for entry in settings.entries(_SECTIONS):
+        name = entry.name
         raw: Any = flags.get(name)
         source = "flag"
-        if raw is None and env_name(name) in environ:
-            raw, source = environ[env_name(name)], "env"
+        if raw is None and settings.env_name(name) in environ:
+            raw, source = environ[settings.env_name(name)], "env"
         if raw is None:
-            values[section_name][name] = _default_of(_SECTIONS[section_name], name)
+            values[entry.section][name] = entry.default
             sources[name] = "default"
             continue
         try:
-            value = _parse(raw, kind, setting)
+            value = settings.parse_value(raw, entry.kind, entry.setting)
         except ValueError as exc:
             problems.append(f"{_who(name)}: {exc}, got {raw!r} (from {source})")
             continue
-        values[section_name][name] = value
+        values[entry.section][name] = value
         sources[name] = source
     _derive(values, sources)
     if not problems:
@@ -416,60 +314,6 @@ def from_sources(flags: Mapping[str, Any], environ: Mapping[str, str]) -> ServeC
         raise ConfigError("invalid configuration:\n  " + "\n  ".join(problems))
     sections = {s: _SECTIONS[s](**v) for s, v in values.items()}
     return ServeConfig(**sections, sources=sources)
-
-
-def _who(name: str) -> str:
-    return f"{flag_name(name)} / {env_name(name)}"
-
-
-def _parse(raw: Any, kind: type, setting: Setting) -> Any:
-    """Turn a flag or environment string into the field's type and check its range."""
-    value: Any
-    if kind is bool:
-        if isinstance(raw, bool):
-            return raw
-        text = str(raw).strip().lower()
-        if text in _TRUE:
-            return True
-        if text in _FALSE:
-            return False
-        raise ValueError("expected true or false (1/0, yes/no, on/off)")
-    text = str(raw).strip()
-    if kind is int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise ValueError(f"expected an integer{_range(setting)}") from None
-    elif kind is float:
-        try:
-            value = float(text)
-        except ValueError:
-            raise ValueError(f"expected a number{_range(setting)}") from None
-        if not math.isfinite(value):
-            raise ValueError(f"expected a finite number{_range(setting)}")
-    else:
-        value = text
-    if setting.choices is not None and value not in setting.choices:
-        # Accept `info` for `INFO`, `sasl_ssl` for `SASL_SSL`: case is not a real choice.
-        folded = {c.lower(): c for c in setting.choices}
-        if value.lower() in folded:
-            return folded[value.lower()]
-        allowed = ", ".join(repr(c) for c in setting.choices)
-        raise ValueError(f"expected one of {allowed}")
-    if setting.minimum is not None and value < setting.minimum:
-        raise ValueError(f"expected{_range(setting)}")
-    if setting.maximum is not None and value > setting.maximum:
-        raise ValueError(f"expected{_range(setting)}")
-    return value
-
-
-def _range(setting: Setting) -> str:
-    parts = []
-    if setting.minimum is not None:
-        parts.append(f">= {setting.minimum:g}")
-    if setting.maximum is not None:
-        parts.append(f"<= {setting.maximum:g}")
-    return " " + " and ".join(parts) if parts else ""
 
 
 def _derive(values: dict[str, dict[str, Any]], sources: dict[str, str]) -> None:
@@ -497,9 +341,9 @@ def _derive(values: dict[str, dict[str, Any]], sources: dict[str, str]) -> None:
 def _cross_checks(values: dict[str, dict[str, Any]]) -> list[str]:
     """Checks that involve more than one setting, or the file system."""
     problems = []
-    for section_name, name, setting, _ in _table():
-        if setting.required and values[section_name][name] == "":
-            problems.append(f"{_who(name)}: required, not set")
+    for entry in settings.entries(_SECTIONS):
+        if entry.setting.required and values[entry.section][entry.name] == "":
+            problems.append(f"{_who(entry.name)}: required, not set")
     topics, kafka = values["topics"], values["kafka"]
     for name in ("input_topic", "output_topic", "dead_letter_topic", "changelog_topic"):
         topic = topics[name]

@@ -26,8 +26,8 @@ from typing import Any
 from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import choose_encoder
 
-from pipeline.config import env_name, flag_name
 from pipeline.errors import ConfigError
+from pipeline.settings import who
 
 log = logging.getLogger(__name__)
 
@@ -111,7 +111,7 @@ class HealthServer:
         except OSError as exc:
             host, port = self._address
             raise ConfigError(
-                f"{flag_name('metrics_port')} / {env_name('metrics_port')}: cannot listen on "
+                f"{who('metrics_port')}: cannot listen on "
                 f"{host}:{port} ({exc.strerror or exc}); choose a free port"
             ) from exc
         self._server.daemon_threads = True

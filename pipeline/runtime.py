@@ -26,9 +26,10 @@ import numpy as np
 import onnxruntime as ort
 from numpy.typing import NDArray
 
-from pipeline.config import RuntimeConfig, env_name, flag_name
+from pipeline.config import RuntimeConfig
 from pipeline.errors import ConfigError, ModelContractError
 from pipeline.model_spec import ModelSpec
+from pipeline.settings import who
 
 log = logging.getLogger(__name__)
 
@@ -36,8 +37,8 @@ CPU = "CPUExecutionProvider"
 CUDA = "CUDAExecutionProvider"
 _ORT_TYPES = {"float32": "tensor(float)", "int64": "tensor(int64)"}
 _NP_TYPES = {"float32": np.float32, "int64": np.int64}
-_MODEL_SETTING = f"{flag_name('model')} / {env_name('model')}"
-_DEVICE_SETTING = f"{flag_name('device')} / {env_name('device')}"
+_MODEL_SETTING = who("model")
+_DEVICE_SETTING = who("device")
 
 Outputs = dict[str, NDArray[np.float32]]
 States = list[NDArray[np.float32]]
