@@ -81,6 +81,7 @@ class Processor:
         result = BatchResult()
         self._evict_idle(now)
         if not records:
+            self._publish_store_size()  # idle eviction may have shrunk it
             return result
         metrics.events.inc(len(records))
         events: list[Event] = []
@@ -104,9 +105,12 @@ class Processor:
         result.predictions = [p for p in predictions if p is not None]
         result.event_times_ms = [e.event_time_ms for e in events]
         metrics.predictions.inc(len(result.predictions))
-        metrics.active_streams.set(len(self.store))
-        metrics.state_store_bytes.set(self.store.nbytes)
+        self._publish_store_size()
         return result
+
+    def _publish_store_size(self) -> None:
+        self.metrics.active_streams.set(len(self.store))
+        self.metrics.state_store_bytes.set(self.store.nbytes)
 
     def _step_wave(
         self, events: Sequence[Event], batch_started: float, now: float

@@ -195,6 +195,7 @@ def test_idle_streams_are_evicted_after_the_ttl_and_counted(
     processor.process([])  # an empty poll still evicts
     assert list(processor.store.keys()) == [b"b"]
     assert counter(metrics, "hiddenstate_evictions_total", cause="ttl") == 1
+    assert counter(metrics, "hiddenstate_active_streams") == 1
 
 
 def test_an_evicted_stream_starts_again_from_zeros(make_processor, numpy_gru, clock):

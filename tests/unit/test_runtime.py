@@ -219,3 +219,24 @@ def test_cuda_step_equals_the_numpy_reference(gru_onnx, gru_weights):
     assert model.provider == runtime.CUDA
     x, states = random_inputs(gru_weights, batch=64)
     assert_same_step(model.step(x, states), NumpyStepModel(gru_weights).step(x, states), atol=1e-4)
+
+
+@pytest.fixture(params=["numpy", "onnxruntime"])
+def any_step_model(request, gru_weights, ort_gru):
+    return NumpyStepModel(gru_weights) if request.param == "numpy" else ort_gru
+
+
+def test_every_step_model_keeps_the_contract(any_step_model, gru_weights):
+    # The StepModel contract, for the double and the real runtime alike: shapes as the
+    # spec says, inputs untouched, each row independent of the others.
+    spec = any_step_model.spec
+    x, states = random_inputs(gru_weights, batch=4, seed=5)
+    before = [x.copy(), *(s.copy() for s in states)]
+    outputs, new_states = any_step_model.step(x, states)
+    assert {k: v.shape for k, v in outputs.items()} == {o.name: (4, *o.shape) for o in spec.outputs}
+    assert [s.shape for s in new_states] == [(4, *s.shape) for s in spec.states]
+    assert all(a.dtype == np.float32 for a in [*outputs.values(), *new_states])
+    for array, copy in zip([x, *states], before, strict=True):
+        np.testing.assert_array_equal(array, copy)
+    row, _ = any_step_model.step(x[2:3], [s[2:3] for s in states])
+    np.testing.assert_allclose(row["y"], outputs["y"][2:3], atol=1e-6)
