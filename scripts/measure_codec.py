@@ -41,7 +41,7 @@ def record(value: dict[str, object], offset: int = 0) -> InputRecord:
 
 
 def per_call_us(fn: object, number: int) -> float:
-    return min(timeit.repeat(fn, number=number, repeat=5)) / number * 1e6  # type: ignore[arg-type]
+    return min(timeit.repeat(fn, number=number, repeat=5)) / number * 1e6
 
 
 def main(argv: list[str]) -> None:

@@ -100,3 +100,11 @@ def test_the_property_test_sees_resets(ort_gru):
     values = run(ort_gru, [records], 4)
     assert [v["step"] for v in values] == [1, 1]
     assert json.dumps(values[0]["outputs"]) == json.dumps(values[1]["outputs"])
+
+
+def test_the_module_docstring_example_holds():
+    import doctest
+
+    import pipeline.waves
+
+    assert doctest.testmod(pipeline.waves).failed == 0
