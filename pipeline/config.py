@@ -1,0 +1,403 @@
+"""The serving configuration: one frozen `ServeConfig`, built once at start.
+
+Every setting is declared once, as a field of one of the section dataclasses
+below; its metadata (`setting(...)`, pipeline/settings.py) is the single table that drives the
+command-line flag (`--max-streams`), the environment variable
+(`HIDDENSTATE_MAX_STREAMS`), the default, the parsing and the checks.
+Precedence: flag > environment > default. Each component gets only its
+section (`config.store`, `config.runtime`, ...), never the whole object.
+
+    config = load_config(sys.argv[1:], os.environ)   # raises ConfigError
+    log.info("starting with\\n%s", config.describe())  # secrets masked
+
+`docs/configuration.md` lists the table; `settings_table()` renders it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from pipeline import settings
+from pipeline.errors import ConfigError
+from pipeline.settings import setting as _setting
+from pipeline.settings import who as _who
+
+_MASK = "***"
+_TOPIC_NAME = re.compile(r"^[A-Za-z0-9._-]{1,249}$")
+
+
+# --------------------------------------------------------------------------- sections
+
+
+@dataclass(frozen=True)
+class TopicsConfig:
+    """Topic names: what the processor reads and writes."""
+
+    input_topic: str = _setting("", "topic of input events (key = stream id)", required=True)
+    output_topic: str = _setting("", "topic the predictions go to", required=True)
+    dead_letter_topic: str = _setting(
+        "", "topic for events that cannot be served", derived="<input_topic>.dead-letter"
+    )
+    changelog_topic: str = _setting(
+        "",
+        "compacted topic of hidden-state snapshots",
+        derived="<input_topic>.<model name>.changelog",
+    )
+
+    def changelog_for(self, model_name: str) -> str:
+        """The changelog topic: the setting, or derived from the input topic and model name.
+
+        Known only once the model is loaded, which is why it is not resolved here.
+        """
+        if self.changelog_topic:
+            return self.changelog_topic
+        safe = re.sub(r"[^A-Za-z0-9._-]", "-", model_name)
+        return f"{self.input_topic}.{safe}.changelog"[:249]
+
+
+@dataclass(frozen=True)
+class KafkaConfig:
+    """What the Kafka clients need: brokers, group, security, polling."""
+
+    bootstrap_servers: str = _setting("127.0.0.1:9092", "comma-separated host:port of brokers")
+    group_id: str = _setting("", "consumer group id", derived="hiddenstate-<input_topic>")
+    client_id: str = _setting("hiddenstate", "client id shown in broker logs and quotas")
+    instance_id: str = _setting(
+        "", "static group membership id (group.instance.id); empty: dynamic membership"
+    )
+    auto_offset_reset: str = _setting(
+        "earliest", "where a group without committed offsets starts", choices=("earliest", "latest")
+    )
+    security_protocol: str = _setting(
+        "PLAINTEXT",
+        "broker security protocol",
+        choices=("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"),
+    )
+    sasl_mechanism: str = _setting(
+        "",
+        "SASL mechanism (with SASL_PLAINTEXT or SASL_SSL)",
+        choices=("", "PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"),
+    )
+    sasl_plain_username: str = _setting("", "SASL user name")
+    sasl_plain_password: str = _setting("", "SASL password", secret=True)
+    ssl_cafile: str = _setting("", "CA bundle (PEM) to verify the brokers")
+    ssl_certfile: str = _setting("", "client certificate (PEM) for mutual TLS")
+    ssl_keyfile: str = _setting("", "client private key (PEM) for mutual TLS")
+    max_poll_records: int = _setting(500, "most records one poll returns", minimum=1)
+    poll_timeout_ms: int = _setting(100, "how long one poll waits for records", minimum=0)
+
+    def client_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments shared by kafka-python's consumer, producer and admin client."""
+        kwargs: dict[str, Any] = {
+            "bootstrap_servers": [s.strip() for s in self.bootstrap_servers.split(",")],
+            "client_id": self.client_id,
+            "security_protocol": self.security_protocol,
+        }
+        optional = {
+            "sasl_mechanism": self.sasl_mechanism,
+            "sasl_plain_username": self.sasl_plain_username,
+            "sasl_plain_password": self.sasl_plain_password,
+            "ssl_cafile": self.ssl_cafile,
+            "ssl_certfile": self.ssl_certfile,
+            "ssl_keyfile": self.ssl_keyfile,
+        }
+        # Empty means "not set": leave kafka-python's own default (None) in place.
+        kwargs.update({k: v for k, v in optional.items() if v})
+        return kwargs
+
+    def consumer_kwargs(self) -> dict[str, Any]:
+        """`client_kwargs()` plus the consumer's group settings.
+
+        Auto-commit is off: offsets are committed only after the outputs of a
+        batch are acknowledged (at-least-once), or inside the transaction.
+        """
+        kwargs = self.client_kwargs()
+        kwargs.update(
+            group_id=self.group_id,
+            enable_auto_commit=False,
+            auto_offset_reset=self.auto_offset_reset,
+            max_poll_records=self.max_poll_records,
+        )
+        if self.instance_id:
+            kwargs["group_instance_id"] = self.instance_id
+        return kwargs
+
+
+@dataclass(frozen=True)
+class RuntimeConfig:
+    """The model runtime: which file, which device, how many threads."""
+
+    model: str = _setting("", "path of the exported ONNX step file", required=True)
+    device: str = _setting(
+        "cpu",
+        "execution device; auto = CUDA when available, else CPU",
+        choices=("cpu", "cuda", "auto"),
+    )
+    intra_op_threads: int = _setting(
+        1, "onnxruntime threads inside one operator (0 = one per core)", minimum=0
+    )
+    inter_op_threads: int = _setting(
+        1, "onnxruntime threads across operators (0 = one per core)", minimum=0
+    )
+    spinning: bool = _setting(
+        False, "let onnxruntime worker threads spin between runs (burns CPU, see docs/runtime.md)"
+    )
+
+
+@dataclass(frozen=True)
+class StoreConfig:
+    """The in-memory state store: how many streams, how long an idle one lives."""
+
+    max_streams: int = _setting(
+        100_000,
+        "most streams held in memory; beyond it the least recently used is evicted",
+        minimum=1,
+    )
+    idle_ttl_seconds: float = _setting(0.0, "evict a stream idle this long (0 = never)", minimum=0)
+
+
+@dataclass(frozen=True)
+class ProcessingConfig:
+    """The pure core's limits: how events are batched and how large one may be."""
+
+    max_wave_size: int = _setting(256, "most streams stepped in one onnxruntime call", minimum=1)
+    max_event_bytes: int = _setting(
+        65_536, "larger event values go to the dead-letter topic", minimum=1
+    )
+
+
+@dataclass(frozen=True)
+class DeliveryConfig:
+    """Delivery guarantee and checkpointing of hidden states to the changelog."""
+
+    guarantee: str = _setting(
+        "at-least-once", "delivery guarantee", choices=("at-least-once", "exactly-once")
+    )
+    checkpoint_interval_seconds: float = _setting(
+        5.0, "checkpoint (snapshots, then offsets) at least this often", minimum=0.001
+    )
+    checkpoint_interval_events: int = _setting(
+        10_000, "also checkpoint after this many events (0 = time only)", minimum=0
+    )
+
+
+@dataclass(frozen=True)
+class ObservabilityConfig:
+    """Metrics/health HTTP endpoint and logging."""
+
+    metrics_host: str = _setting("0.0.0.0", "address of /metrics, /healthz and /readyz")
+    metrics_port: int = _setting(
+        9108, "port of /metrics, /healthz and /readyz", minimum=0, maximum=65535
+    )
+    liveness_timeout_seconds: float = _setting(
+        60.0, "/healthz fails when the loop has not beaten for this long", minimum=1
+    )
+    log_level: str = _setting("INFO", "log level", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
+
+
+_SECTIONS: dict[str, type] = {
+    "topics": TopicsConfig,
+    "kafka": KafkaConfig,
+    "runtime": RuntimeConfig,
+    "store": StoreConfig,
+    "processing": ProcessingConfig,
+    "delivery": DeliveryConfig,
+    "observability": ObservabilityConfig,
+}
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    """Everything `hiddenstate serve` is configured with; hand each component its section."""
+
+    topics: TopicsConfig
+    kafka: KafkaConfig
+    runtime: RuntimeConfig
+    store: StoreConfig
+    processing: ProcessingConfig
+    delivery: DeliveryConfig
+    observability: ObservabilityConfig
+    # Where each value came from ("flag", "env", "default", "derived"): for the start log.
+    sources: Mapping[str, str] = field(default_factory=dict, compare=False)
+
+    def redacted(self) -> dict[str, Any]:
+        """Every effective setting by name, secrets masked: safe to log."""
+        values: dict[str, Any] = {}
+        for entry in settings.entries(_SECTIONS):
+            value = getattr(getattr(self, entry.section), entry.name)
+            values[entry.name] = _MASK if entry.setting.secret and value else value
+        return values
+
+    def describe(self) -> str:
+        """One `name = value  (source)` line per setting, secrets masked."""
+        lines = []
+        for name, value in self.redacted().items():
+            source = self.sources.get(name, "default")
+            shown = value if value != "" else f"(none{_derived_note(name)})"
+            lines.append(f"{name} = {shown}  ({source})")
+        return "\n".join(lines)
+
+
+def _derived_note(name: str) -> str:
+    for entry in settings.entries(_SECTIONS):
+        if entry.name == name and entry.setting.derived:
+            return f": {entry.setting.derived}"
+    return ""
+
+
+# --------------------------------------------------------------------------- building it
+
+
+def settings_table() -> list[dict[str, str]]:
+    """The settings as rows of flag, env, default and help."""
+    return settings.rows(_SECTIONS)
+
+
+def settings_markdown() -> str:
+    """The settings table as Markdown (docs/configuration.md embeds it; a test keeps it in sync)."""
+    return settings.markdown(_SECTIONS)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add one flag per setting to `parser` (e.g. the `serve` subcommand's parser).
+
+    Flags default to None so that `from_sources` can tell "not given" from a value.
+    """
+    settings.add_flags(parser, _SECTIONS)
+
+
+def load_config(
+    argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None
+) -> ServeConfig:
+    """Parse `argv` (flags only) and `environ` into a validated `ServeConfig`."""
+    parser = argparse.ArgumentParser(prog="hiddenstate serve")
+    add_arguments(parser)
+    namespace = parser.parse_args(list(argv or []))
+    return from_sources(vars(namespace), os.environ if environ is None else environ)
+
+
+def from_sources(flags: Mapping[str, Any], environ: Mapping[str, str]) -> ServeConfig:
+    """Build and validate a config from parsed flags (None = not given) and the environment.
+
+    Raises one `ConfigError` listing every problem found, each naming the flag
+    and the environment variable and saying what is allowed.
+    """
+    values: dict[str, dict[str, Any]] = {s: {} for s in _SECTIONS}
+    sources: dict[str, str] = {}
+    problems: list[str] = []
+    for entry in settings.entries(_SECTIONS):
+        name = entry.name
+        raw: Any = flags.get(name)
+        source = "flag"
+        if raw is None and settings.env_name(name) in environ:
+            raw, source = environ[settings.env_name(name)], "env"
+        if raw is None:
+            values[entry.section][name] = entry.default
+            sources[name] = "default"
+            continue
+        try:
+            value = settings.parse_value(raw, entry.kind, entry.setting)
+        except ValueError as exc:
+            problems.append(f"{_who(name)}: {exc}, got {raw!r} (from {source})")
+            continue
+        values[entry.section][name] = value
+        sources[name] = source
+    _derive(values, sources)
+    if not problems:
+        problems = _cross_checks(values)
+    if problems:
+        raise ConfigError("invalid configuration:\n  " + "\n  ".join(problems))
+    sections = {s: _SECTIONS[s](**v) for s, v in values.items()}
+    return ServeConfig(**sections, sources=sources)
+
+
+def _derive(values: dict[str, dict[str, Any]], sources: dict[str, str]) -> None:
+    """Fill the defaults that depend on other settings (the input topic)."""
+    topics, kafka = values["topics"], values["kafka"]
+    if topics["input_topic"]:
+        if not topics["dead_letter_topic"]:
+            topics["dead_letter_topic"] = f"{topics['input_topic']}.dead-letter"[:249]
+            sources["dead_letter_topic"] = "derived"
+        if not kafka["group_id"]:
+            kafka["group_id"] = f"hiddenstate-{topics['input_topic']}"
+            sources["group_id"] = "derived"
+    # A wave must fit in the store; the default wave size shrinks for a small store.
+    processing, store = values["processing"], values["store"]
+    max_streams = store.get("max_streams")  # absent when it did not parse
+    if (
+        sources.get("max_wave_size") == "default"
+        and isinstance(max_streams, int)
+        and processing["max_wave_size"] > max_streams
+    ):
+        processing["max_wave_size"] = max_streams
+        sources["max_wave_size"] = "derived"
+
+
+def _cross_checks(values: dict[str, dict[str, Any]]) -> list[str]:
+    """Checks that involve more than one setting, or the file system."""
+    problems = []
+    for entry in settings.entries(_SECTIONS):
+        if entry.setting.required and values[entry.section][entry.name] == "":
+            problems.append(f"{_who(entry.name)}: required, not set")
+    topics, kafka = values["topics"], values["kafka"]
+    for name in ("input_topic", "output_topic", "dead_letter_topic", "changelog_topic"):
+        topic = topics[name]
+        if topic and not _TOPIC_NAME.match(topic):
+            problems.append(
+                f"{_who(name)}: {topic!r} is not a valid Kafka topic name "
+                "(1-249 of A-Z a-z 0-9 . _ -)"
+            )
+    named = [(n, topics[n]) for n in ("input_topic", "output_topic", "dead_letter_topic")]
+    named += [("changelog_topic", topics["changelog_topic"])]
+    for i, (a, ta) in enumerate(named):
+        for b, tb in named[i + 1 :]:
+            if ta and ta == tb:
+                problems.append(f"{_who(a)} and {_who(b)}: both are {ta!r}; they must differ")
+    if not kafka["bootstrap_servers"].strip() or any(
+        not s.strip() for s in kafka["bootstrap_servers"].split(",")
+    ):
+        problems.append(f"{_who('bootstrap_servers')}: expected host:port[,host:port...]")
+    problems += _security_checks(kafka)
+    if values["processing"]["max_wave_size"] > values["store"]["max_streams"]:
+        problems.append(
+            f"{_who('max_wave_size')}: {values['processing']['max_wave_size']} is more than "
+            f"{_who('max_streams')} ({values['store']['max_streams']}); one wave must fit in the store"
+        )
+    return problems
+
+
+def _security_checks(kafka: dict[str, Any]) -> list[str]:
+    problems = []
+    protocol, mechanism = kafka["security_protocol"], kafka["sasl_mechanism"]
+    uses_sasl = protocol.startswith("SASL_")
+    uses_ssl = protocol.endswith("SSL")
+    if uses_sasl and not mechanism:
+        problems.append(f"{_who('sasl_mechanism')}: required with security protocol {protocol}")
+    if mechanism and not uses_sasl:
+        problems.append(
+            f"{_who('sasl_mechanism')}: {mechanism} has no effect with security protocol "
+            f"{protocol}; use SASL_PLAINTEXT or SASL_SSL"
+        )
+    if uses_sasl and mechanism:
+        for name in ("sasl_plain_username", "sasl_plain_password"):
+            if not kafka[name]:
+                problems.append(f"{_who(name)}: required with SASL mechanism {mechanism}")
+    for name in ("ssl_cafile", "ssl_certfile", "ssl_keyfile"):
+        path = kafka[name]
+        if not path:
+            continue
+        if not uses_ssl:
+            problems.append(
+                f"{_who(name)}: has no effect with security protocol {protocol}; "
+                "use SSL or SASL_SSL"
+            )
+        elif not os.access(path, os.R_OK):
+            problems.append(f"{_who(name)}: {path!r} does not exist or is not readable")
+    if kafka["ssl_keyfile"] and not kafka["ssl_certfile"]:
+        problems.append(f"{_who('ssl_keyfile')}: given without {_who('ssl_certfile')}")
+    return problems

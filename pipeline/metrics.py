@@ -1,0 +1,254 @@
+"""Every metric hiddenstate exports, declared here and nowhere else.
+
+One prefix (`hiddenstate_`), Prometheus naming (base units, `_total`,
+`_seconds`, `_bytes`, `_info`), bounded labels only: never a stream id.
+All metrics live on the `CollectorRegistry` passed in, so each test can use
+a fresh one and the server one of its own (no global default registry).
+
+Histograms are `BatchHistogram`s: the same exposition as prometheus-client's
+`Histogram`, but one call can record a whole wave (`observe(value, count)`,
+`observe_many(values)`), because observing event by event costs about a
+microsecond each, as much as a stream's share of an onnxruntime call.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from collections.abc import Iterable, Sequence
+
+import numpy as np
+from numpy.typing import ArrayLike
+from prometheus_client import CollectorRegistry, Counter, Gauge, Info
+from prometheus_client.core import HistogramMetricFamily, Metric
+
+from pipeline.codec import REASONS
+from pipeline.model_spec import ModelSpec
+
+PREFIX = "hiddenstate_"
+EVICTION_CAUSES = ("lru", "ttl")
+# Sub-millisecond steps up to slow, multi-second stalls.
+LATENCY_BUCKETS = (
+    50e-6,
+    100e-6,
+    250e-6,
+    500e-6,
+    1e-3,
+    2.5e-3,
+    5e-3,
+    10e-3,
+    25e-3,
+    50e-3,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+)
+# Event time to acknowledged prediction includes producer delay and consumer lag.
+END_TO_END_BUCKETS = (
+    1e-3,
+    2.5e-3,
+    5e-3,
+    10e-3,
+    25e-3,
+    50e-3,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    30.0,
+    60.0,
+    300.0,
+)
+WAVE_SIZE_BUCKETS = tuple(float(2**i) for i in range(13))  # 1 .. 4096 streams
+CHECKPOINT_BUCKETS = (1e-3, 5e-3, 10e-3, 25e-3, 50e-3, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+
+
+def _le(bound: float) -> str:
+    """A bucket bound as Prometheus writes it: `0.005`, `1.0`, `+Inf`."""
+    return "+Inf" if bound == float("inf") else repr(float(bound))
+
+
+class BatchHistogram:
+    """A label-free Prometheus histogram that records many observations per call."""
+
+    def __init__(
+        self, name: str, documentation: str, buckets: Sequence[float], registry: CollectorRegistry
+    ) -> None:
+        self._name = name
+        self._documentation = documentation
+        self._bounds = np.array([*sorted(buckets), float("inf")], dtype=np.float64)
+        self._counts = np.zeros(len(self._bounds), dtype=np.int64)
+        self._sum = 0.0
+        self._lock = threading.Lock()  # /metrics is served from another thread
+        registry.register(self)
+
+    def observe(self, value: float, count: int = 1) -> None:
+        """Record `value` `count` times (e.g. the queued time shared by a whole wave)."""
+        if count <= 0 or value != value:  # NaN has no bucket
+            return
+        bucket = int(np.searchsorted(self._bounds, value, side="left"))
+        with self._lock:
+            self._counts[bucket] += count
+            self._sum += value * count
+
+    def observe_many(self, values: ArrayLike) -> None:
+        """Record every value of `values` in one vectorised pass."""
+        array = np.asarray(values, dtype=np.float64).ravel()
+        array = array[~np.isnan(array)]
+        if not len(array):
+            return
+        counts = np.bincount(
+            np.searchsorted(self._bounds, array, side="left"), minlength=len(self._bounds)
+        )
+        with self._lock:
+            self._counts += counts
+            self._sum += float(array.sum())
+
+    def describe(self) -> list[Metric]:
+        """The metric family without samples: how the registry learns the name."""
+        return [HistogramMetricFamily(self._name, self._documentation, labels=())]
+
+    def collect(self) -> Iterable[Metric]:
+        """The cumulative buckets, count and sum, as the text exposition needs them."""
+        with self._lock:
+            cumulative = np.cumsum(self._counts).tolist()
+            total = self._sum
+        family = HistogramMetricFamily(self._name, self._documentation, labels=())
+        buckets = [
+            (_le(bound), count)
+            for bound, count in zip(self._bounds.tolist(), cumulative, strict=True)
+        ]
+        family.add_metric([], buckets, total)
+        yield family
+
+
+class Metrics:
+    """The server's metrics; components get this object and update what they own."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.registry = registry
+        p = PREFIX
+        # -- counters
+        self.events = Counter(
+            p + "events", "Input records polled (valid or not).", registry=registry
+        )
+        self.predictions = Counter(
+            p + "predictions", "Prediction records produced.", registry=registry
+        )
+        self.dead_letters = Counter(
+            p + "dead_letters",
+            "Input records sent to the dead-letter topic, by reason.",
+            ["reason"],
+            registry=registry,
+        )
+        self.evictions = Counter(
+            p + "evictions",
+            "Streams forgotten from memory, by cause (lru = stream cap, ttl = idle).",
+            ["cause"],
+            registry=registry,
+        )
+        # -- histograms
+        self.inference_seconds = BatchHistogram(
+            p + "inference_seconds",
+            "Duration of one onnxruntime call (one wave).",
+            LATENCY_BUCKETS,
+            registry,
+        )
+        self.queued_seconds = BatchHistogram(
+            p + "queued_seconds",
+            "Time an event waited in its polled batch before its wave ran.",
+            LATENCY_BUCKETS,
+            registry,
+        )
+        self.end_to_end_seconds = BatchHistogram(
+            p + "end_to_end_seconds",
+            "Event time to acknowledged prediction.",
+            END_TO_END_BUCKETS,
+            registry,
+        )
+        self.wave_size = BatchHistogram(
+            p + "wave_size", "Streams stepped in one onnxruntime call.", WAVE_SIZE_BUCKETS, registry
+        )
+        self.checkpoint_seconds = BatchHistogram(
+            p + "checkpoint_seconds",
+            "Duration of one checkpoint (snapshots acknowledged, offsets committed).",
+            CHECKPOINT_BUCKETS,
+            registry,
+        )
+        # -- gauges
+        self.active_streams = Gauge(
+            p + "active_streams", "Streams whose state is in memory.", registry=registry
+        )
+        self.state_store_bytes = Gauge(
+            p + "state_store_bytes",
+            "Bytes of the state slabs and per-stream columns.",
+            registry=registry,
+        )
+        self.consumer_lag = Gauge(
+            p + "consumer_lag",
+            "Records behind the log end, by assigned input partition.",
+            ["partition"],
+            registry=registry,
+        )
+        self.assigned_partitions = Gauge(
+            p + "assigned_partitions",
+            "Input partitions assigned to this consumer.",
+            registry=registry,
+        )
+        self.restore_remaining_records = Gauge(
+            p + "restore_remaining_records",
+            "Changelog records left to read before serving.",
+            registry=registry,
+        )
+        self.device_fallback = Gauge(
+            p + "device_fallback",
+            "1 when --device auto found no CUDA and runs on CPU.",
+            registry=registry,
+        )
+        self.model = Info(p + "model", "The model being served.", registry=registry)
+        # Every label value exists from the start, so rate() sees the first increment.
+        for reason in REASONS:
+            self.dead_letters.labels(reason)
+        for cause in EVICTION_CAUSES:
+            self.evictions.labels(cause)
+
+    def set_model(self, spec: ModelSpec, *, device: str, provider: str, fallback: bool) -> None:
+        """Publish what is served and where (`hiddenstate_model_info`, `..._device_fallback`)."""
+        self.model.info(
+            {
+                "name": spec.name,
+                "version": spec.version,
+                "identity": spec.identity,
+                "task": spec.task,
+                "cell": spec.cell,
+                "device": device,
+                "provider": provider,
+            }
+        )
+        self.device_fallback.set(1 if fallback else 0)
+
+    def count_eviction(self, cause: str, count: int) -> None:
+        """Count evictions; the state store's `on_evict` callback."""
+        self.evictions.labels(cause).inc(count)
+
+    def observe_end_to_end(self, event_times_ms: Sequence[int], acked_at: float) -> None:
+        """Record event time -> acknowledgement for predictions acknowledged at `acked_at`
+        (seconds since the epoch). Called by the Kafka loop once the producer has acks."""
+        if event_times_ms:
+            times = np.asarray(event_times_ms, dtype=np.float64)
+            self.end_to_end_seconds.observe_many(acked_at - times / 1000.0)
+
+    def set_lag(self, partition: int, lag: int) -> None:
+        """Record the lag of one assigned input partition."""
+        self.consumer_lag.labels(str(partition)).set(lag)
+
+    def forget_partition(self, partition: int) -> None:
+        """Drop the lag series of a revoked partition (its new owner reports it)."""
+        with contextlib.suppress(KeyError):  # never reported: nothing to drop
+            self.consumer_lag.remove(str(partition))

@@ -1,0 +1,188 @@
+"""The pure core: a polled batch of records in, prediction and dead-letter records out.
+
+No I/O happens here. The Kafka loop around it does, per poll:
+
+    result = processor.process(records)       # never raises for bad input
+    produce(result.outputs); flush(); await acks
+    metrics.observe_end_to_end(result.event_times_ms, time.time())
+    commit(result.next_offsets)
+
+Inside `process`: decode every record (bad ones become dead letters with a
+reason), plan waves (each stream at most once per wave, offset order kept),
+then per wave: slots from the state store, one gather, one `model.step`, one
+scatter, and the prediction records. Call it with an empty batch when a poll
+returns nothing, so that idle streams are still evicted.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Sequence
+
+import numpy as np
+from prometheus_client import CollectorRegistry
+
+from pipeline.codec import Event, EventDecoder, PredictionEncoder, dead_letter
+from pipeline.config import ProcessingConfig, ServeConfig, TopicsConfig
+from pipeline.errors import BadEventError
+from pipeline.metrics import Metrics
+from pipeline.records import BatchResult, InputRecord, OutputRecord
+from pipeline.runtime import StepModel
+from pipeline.state_store import StateStore
+from pipeline.waves import plan_waves
+
+log = logging.getLogger(__name__)
+
+_BAD_EVENT_LOG_INTERVAL = 10.0  # seconds between warnings for one reason; the rest at debug
+
+
+class Processor:
+    """Steps every stream of a batch through `model`, keeping states in `store`.
+
+    `clock` gives wall time in seconds (idle TTL, last-seen); `timer` a
+    monotonic reading for the latencies (queued, inference). Both are there
+    so that tests can move time by hand.
+    """
+
+    def __init__(
+        self,
+        model: StepModel,
+        store: StateStore,
+        *,
+        topics: TopicsConfig,
+        processing: ProcessingConfig,
+        metrics: Metrics | None = None,
+        clock: Callable[[], float] = time.time,
+        timer: Callable[[], float] = time.perf_counter,
+        ttl_check_interval: float = 1.0,
+    ) -> None:
+        self.model = model
+        self.store = store
+        self.metrics = metrics if metrics is not None else Metrics(CollectorRegistry())
+        spec = model.spec
+        self._decoder = EventDecoder(spec.input, processing.max_event_bytes)
+        self._encoder = PredictionEncoder(spec, topics.output_topic)
+        self._dead_letter_topic = topics.dead_letter_topic or f"{topics.input_topic}.dead-letter"
+        self._max_wave = processing.max_wave_size
+        self._x_dtype = np.int64 if spec.input.dtype == "int64" else np.float32
+        self._clock = clock
+        self._timer = timer
+        self._ttl_check_interval = ttl_check_interval
+        self._last_ttl_check = float("-inf")
+        self._last_warned: dict[str, float] = {}
+
+    def process(self, records: Sequence[InputRecord]) -> BatchResult:
+        """Serve one polled batch. Bad records become dead letters; valid ones in
+        the same batch are unaffected. Predictions come back in input order."""
+        started = self._timer()
+        now = self._clock()
+        metrics = self.metrics
+        result = BatchResult()
+        self._evict_idle(now)
+        if not records:
+            self._publish_store_size()  # idle eviction may have shrunk it
+            return result
+        metrics.events.inc(len(records))
+        events: list[Event] = []
+        next_offsets = result.next_offsets
+        decode = self._decoder.decode
+        for record in records:
+            position = (record.topic, record.partition)
+            if next_offsets.get(position, -1) <= record.offset:
+                next_offsets[position] = record.offset + 1
+            try:
+                events.append(decode(record))
+            except BadEventError as error:
+                result.dead_letters.append(dead_letter(record, error, self._dead_letter_topic))
+                metrics.dead_letters.labels(error.reason).inc()
+                self._log_bad(record, error, now)
+        predictions: list[OutputRecord | None] = [None] * len(events)
+        for wave in plan_waves([e.key for e in events], self._max_wave):
+            wave_events = [events[i] for i in wave]
+            for i, prediction in zip(wave, self._step_wave(wave_events, started, now), strict=True):
+                predictions[i] = prediction
+        result.predictions = [p for p in predictions if p is not None]
+        result.event_times_ms = [e.event_time_ms for e in events]
+        metrics.predictions.inc(len(result.predictions))
+        self._publish_store_size()
+        return result
+
+    def _publish_store_size(self) -> None:
+        self.metrics.active_streams.set(len(self.store))
+        self.metrics.state_store_bytes.set(self.store.nbytes)
+
+    def _step_wave(
+        self, events: Sequence[Event], batch_started: float, now: float
+    ) -> list[OutputRecord]:
+        """One gather, one model step, one scatter for streams that are all distinct."""
+        store = self.store
+        keys = [e.key for e in events]
+        slots = store.acquire(
+            keys,
+            [e.record.partition for e in events],
+            [e.record.offset for e in events],
+            now,
+        )
+        for event in events:
+            if event.reset:
+                store.reset(event.key)
+        x = np.array([e.x for e in events], dtype=self._x_dtype)
+        states = store.gather(slots)
+        wave_started = self._timer()
+        outputs, new_states = self.model.step(x, states)
+        inference = self._timer() - wave_started
+        store.scatter(slots, new_states)
+        queued = wave_started - batch_started
+        records = self._encoder.encode_wave(events, outputs, store.steps(slots), queued, inference)
+        self.metrics.inference_seconds.observe(inference)
+        self.metrics.wave_size.observe(len(events))
+        self.metrics.queued_seconds.observe(queued, count=len(events))
+        return records
+
+    def _evict_idle(self, now: float) -> None:
+        # Scanning the slot columns costs O(capacity): once per interval is plenty.
+        if now - self._last_ttl_check >= self._ttl_check_interval:
+            self._last_ttl_check = now
+            self.store.evict_idle(now)
+
+    def _log_bad(self, record: InputRecord, error: BadEventError, now: float) -> None:
+        # A producer gone wrong sends thousands of bad events: warn once per reason
+        # per interval, keep the rest at debug level (the metric counts them all).
+        last = self._last_warned.get(error.reason, float("-inf"))
+        if now - last >= _BAD_EVENT_LOG_INTERVAL:
+            self._last_warned[error.reason] = now
+            log.warning(
+                "%s: dead-lettered (%s): %s (more %s events within %.0fs are logged at debug level)",
+                record.where,
+                error.reason,
+                error.detail,
+                error.reason,
+                _BAD_EVENT_LOG_INTERVAL,
+            )
+        else:
+            log.debug("%s: dead-lettered (%s): %s", record.where, error.reason, error.detail)
+
+
+def make_processor(
+    model: StepModel,
+    config: ServeConfig,
+    metrics: Metrics,
+    *,
+    clock: Callable[[], float] = time.time,
+) -> Processor:
+    """A processor and its state store, wired to `metrics`, from the serving config."""
+    store = StateStore(
+        model.spec.states,
+        max_streams=config.store.max_streams,
+        idle_ttl_seconds=config.store.idle_ttl_seconds,
+        on_evict=metrics.count_eviction,
+    )
+    return Processor(
+        model,
+        store,
+        topics=config.topics,
+        processing=config.processing,
+        metrics=metrics,
+        clock=clock,
+    )

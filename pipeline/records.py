@@ -1,0 +1,79 @@
+"""The records the pure core takes in and hands back: plain data, no Kafka client types.
+
+The Kafka loop converts kafka-python's `ConsumerRecord` into `InputRecord`, calls
+`Processor.process`, and sends every `OutputRecord` of the `BatchResult` as it is.
+Keeping these free of client types is what lets the core be tested without a broker.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+Headers = tuple[tuple[str, bytes], ...]
+"""Kafka record headers as kafka-python gives and takes them: `(name, value)` pairs."""
+
+
+@dataclass(frozen=True, slots=True)
+class InputRecord:
+    """One record polled from the input topic, as the broker gave it."""
+
+    topic: str
+    partition: int
+    offset: int
+    key: bytes | None
+    value: bytes | None
+    timestamp_ms: int
+    headers: Headers = ()
+
+    @classmethod
+    def from_kafka(cls, record: Any) -> InputRecord:
+        """From a kafka-python `ConsumerRecord` (duck-typed: the core imports no client)."""
+        headers = tuple((name, value) for name, value in (record.headers or ()))
+        return cls(
+            record.topic,
+            record.partition,
+            record.offset,
+            record.key,
+            record.value,
+            record.timestamp,
+            headers,
+        )
+
+    @property
+    def where(self) -> str:
+        """`topic[partition]@offset`: how log lines and dead letters name this record."""
+        return f"{self.topic}[{self.partition}]@{self.offset}"
+
+
+@dataclass(frozen=True, slots=True)
+class OutputRecord:
+    """One record to produce. `partition=None` lets the producer's partitioner pick by key."""
+
+    topic: str
+    key: bytes | None
+    value: bytes | None
+    headers: Headers = ()
+    partition: int | None = None
+
+
+@dataclass(slots=True)
+class BatchResult:
+    """What `Processor.process` made of one polled batch.
+
+    `predictions` follow the input order (so each stream's predictions keep its
+    offset order); `event_times_ms[i]` is the event time of `predictions[i]`, for
+    the loop to observe end-to-end latency once the prediction is acknowledged.
+    `next_offsets` maps `(topic, partition)` to the offset to commit once every
+    output of this batch is acknowledged (last offset seen + 1).
+    """
+
+    predictions: list[OutputRecord] = field(default_factory=list)
+    dead_letters: list[OutputRecord] = field(default_factory=list)
+    event_times_ms: list[int] = field(default_factory=list)
+    next_offsets: dict[tuple[str, int], int] = field(default_factory=dict)
+
+    @property
+    def outputs(self) -> list[OutputRecord]:
+        """Every record to produce: predictions, then dead letters."""
+        return self.predictions + self.dead_letters

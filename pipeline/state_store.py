@@ -1,0 +1,325 @@
+"""The in-memory hidden states of every stream this consumer serves.
+
+Layout (why: one ORT call per wave needs `[batch, *shape]` arrays, and memory
+per stream must be the state bytes plus a small constant):
+
+- one float32 "slab" per state tensor, `[capacity, *state_shape]`; a stream is
+  one row ("slot") of every slab, so a wave's states are `slab[slots]` (one
+  gather) and its new states one scatter back;
+- a dict stream key -> slot, and a list slot -> key;
+- per-slot columns in numpy arrays, not per-stream Python objects: step count,
+  last-seen time (idle TTL), last-used tick (LRU), source partition, last
+  offset, dirty flag;
+- a free list of slots; capacity doubles when full, up to `max_streams`; at
+  the cap the least recently used streams are evicted, in one numpy
+  `argpartition` per call rather than a linked list per stream.
+
+Eviction (LRU or idle TTL) forgets a stream: its next event starts from zeros,
+and a tombstone is queued so that the changelog forgets it too. Dropping a
+revoked partition forgets its streams without tombstones: the new owner
+restores them from the changelog. docs/state-store.md has the measured memory.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+from numpy.typing import ArrayLike, NDArray
+
+from pipeline.model_spec import StateSpec
+
+_FREE = np.iinfo(np.int64).max  # last-used tick of a free slot: never the least recent
+Slots = NDArray[np.int64]
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """One stream's state, copied out: what the changelog writes and restore takes."""
+
+    key: bytes
+    partition: int
+    offset: int
+    step: int
+    states: tuple[NDArray[np.float32], ...]
+
+
+class StateStore:
+    """Hidden states by stream key; see the module docstring for the layout.
+
+    `on_evict(cause, count)` is called after evictions, `cause` being "lru" or
+    "ttl": the processor counts them in `hiddenstate_evictions_total`.
+    """
+
+    def __init__(
+        self,
+        states: Sequence[StateSpec],
+        *,
+        max_streams: int,
+        idle_ttl_seconds: float = 0.0,
+        initial_capacity: int = 1024,
+        on_evict: Callable[[str, int], None] | None = None,
+    ) -> None:
+        if max_streams < 1:
+            raise ValueError(f"max_streams must be >= 1, got {max_streams}")
+        self._specs = tuple(states)
+        self._max_streams = max_streams
+        self._ttl = idle_ttl_seconds
+        self._on_evict = on_evict
+        capacity = max(1, min(initial_capacity, max_streams))
+        self._slabs = [np.zeros((capacity, *s.shape), dtype=np.float32) for s in self._specs]
+        self._keys: list[bytes | None] = [None] * capacity
+        self._steps = np.zeros(capacity, dtype=np.int64)
+        self._last_seen = np.zeros(capacity, dtype=np.float64)
+        self._last_used = np.full(capacity, _FREE, dtype=np.int64)
+        self._partition = np.full(capacity, -1, dtype=np.int32)
+        self._offset = np.full(capacity, -1, dtype=np.int64)
+        self._dirty = np.zeros(capacity, dtype=np.bool_)
+        self._index: dict[bytes, int] = {}
+        self._free: list[int] = []
+        self._high_water = 0  # slots [0, high_water) have been handed out at least once
+        self._tick = 0
+        self._tombstones: dict[bytes, int] = {}  # evicted key -> its partition
+
+    # ------------------------------------------------------------------ size
+
+    def __len__(self) -> int:
+        return len(self._index)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._index
+
+    def keys(self) -> Iterator[bytes]:
+        """The stream keys held now."""
+        return iter(list(self._index))
+
+    @property
+    def capacity(self) -> int:
+        """Rows allocated in each slab (grows by doubling up to `max_streams`)."""
+        return len(self._keys)
+
+    @property
+    def max_streams(self) -> int:
+        """The cap beyond which the least recently used stream is evicted."""
+        return self._max_streams
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the slabs and per-slot columns (the dict and keys not included)."""
+        columns = (
+            self._steps,
+            self._last_seen,
+            self._last_used,
+            self._partition,
+            self._offset,
+            self._dirty,
+        )
+        return sum(s.nbytes for s in self._slabs) + sum(c.nbytes for c in columns)
+
+    # ------------------------------------------------------------------ the hot path
+
+    def acquire(
+        self, keys: Sequence[bytes], partitions: ArrayLike, offsets: ArrayLike, now: float
+    ) -> Slots:
+        """Slots for `keys` (one wave), creating zero states for unknown streams.
+
+        Marks every key used now (LRU, idle TTL) and records its source partition
+        and offset. At the cap, evicts the least recently used streams, never one
+        of `keys`; so `len(keys)` must not exceed `max_streams`.
+        """
+        if len(keys) > self._max_streams:
+            raise ValueError(
+                f"{len(keys)} streams in one call, the store holds {self._max_streams}"
+            )
+        self._tick += 1
+        index = self._index
+        slots = np.fromiter((index.get(k, -1) for k in keys), dtype=np.int64, count=len(keys))
+        missing = np.flatnonzero(slots < 0)
+        if len(missing):
+            # Touch the known ones first so that eviction cannot pick them.
+            self._last_used[slots[slots >= 0]] = self._tick
+            self._make_room(len(missing))
+            fresh = []
+            for i in missing.tolist():
+                key = keys[i]
+                slot = index.get(key)  # a key repeated within `keys` gets one slot
+                if slot is None:
+                    slot = self._free.pop() if self._free else self._next_unused()
+                    index[key] = slot
+                    self._keys[slot] = key
+                    self._tombstones.pop(key, None)  # it comes back: the new state supersedes it
+                    fresh.append(slot)
+                slots[i] = slot
+            self._clear(np.asarray(fresh, dtype=np.int64))
+        self._last_used[slots] = self._tick
+        self._last_seen[slots] = now
+        self._partition[slots] = partitions
+        self._offset[slots] = offsets
+        return slots
+
+    def gather(self, slots: Slots) -> list[NDArray[np.float32]]:
+        """Copies of the states of `slots`: one `[len(slots), *shape]` array per state tensor."""
+        return [slab[slots] for slab in self._slabs]
+
+    def scatter(self, slots: Slots, states: Sequence[NDArray[np.float32]]) -> None:
+        """Write the new states of `slots` (distinct), count one step each, mark them dirty."""
+        for slab, new in zip(self._slabs, states, strict=True):
+            slab[slots] = new
+        self._steps[slots] += 1
+        self._dirty[slots] = True
+
+    def steps(self, slots: Slots) -> NDArray[np.int64]:
+        """Steps taken by each of `slots` since it started (or was reset)."""
+        return self._steps[slots]
+
+    # ------------------------------------------------------------------ per stream
+
+    def reset(self, key: bytes) -> bool:
+        """Zero a stream's state and step count; it is dirty, so the next checkpoint
+        writes the fresh state. Returns False for an unknown stream (already zeros)."""
+        slot = self._index.get(key)
+        if slot is None:
+            return False
+        self._clear(np.asarray([slot], dtype=np.int64))
+        self._dirty[slot] = True
+        return True
+
+    def snapshot(self, key: bytes) -> Snapshot | None:
+        """A copy of one stream's state, or None for an unknown stream."""
+        slot = self._index.get(key)
+        return None if slot is None else self._snapshot(slot)
+
+    def restore(self, snapshot: Snapshot, now: float) -> None:
+        """Put a stream back as a snapshot recorded it (from the changelog); not dirty."""
+        if len(snapshot.states) != len(self._specs):
+            raise ValueError(
+                f"snapshot of {snapshot.key!r}: {len(snapshot.states)} states, "
+                f"the model has {len(self._specs)}"
+            )
+        for spec, array in zip(self._specs, snapshot.states, strict=True):
+            if array.shape != spec.shape:
+                raise ValueError(
+                    f"snapshot of {snapshot.key!r}: state {spec.name!r} has shape "
+                    f"{list(array.shape)}, the model's is {list(spec.shape)}"
+                )
+        slot = int(self.acquire([snapshot.key], [snapshot.partition], [snapshot.offset], now)[0])
+        for slab, array in zip(self._slabs, snapshot.states, strict=True):
+            slab[slot] = array
+        self._steps[slot] = snapshot.step
+        self._dirty[slot] = False
+
+    # ------------------------------------------------------------------ housekeeping
+
+    def evict_idle(self, now: float) -> int:
+        """Forget streams not seen for `idle_ttl_seconds` (tombstones queued); returns how many."""
+        if self._ttl <= 0:
+            return 0
+        hw = self._high_water
+        idle = (self._last_used[:hw] != _FREE) & (self._last_seen[:hw] < now - self._ttl)
+        victims = np.flatnonzero(idle)
+        self._remove(victims, tombstone=True)
+        if len(victims) and self._on_evict is not None:
+            self._on_evict("ttl", len(victims))
+        return len(victims)
+
+    def drop_partition(self, partition: int) -> int:
+        """Forget the streams read from `partition` (revoked), without tombstones: the
+        changelog keeps them for the next owner. Returns how many were dropped."""
+        hw = self._high_water
+        mask = (self._last_used[:hw] != _FREE) & (self._partition[:hw] == partition)
+        victims = np.flatnonzero(mask)
+        self._remove(victims, tombstone=False)
+        self._tombstones = {k: p for k, p in self._tombstones.items() if p != partition}
+        return len(victims)
+
+    def drain_dirty(self) -> list[Snapshot]:
+        """Snapshots of the streams changed since the last drain; they are clean afterwards."""
+        slots = np.flatnonzero(self._dirty[: self._high_water])
+        self._dirty[slots] = False
+        return [self._snapshot(slot) for slot in slots.tolist()]
+
+    def drain_tombstones(self) -> list[tuple[bytes, int]]:
+        """`(key, partition)` of the streams evicted since the last drain."""
+        tombstones, self._tombstones = list(self._tombstones.items()), {}
+        return tombstones
+
+    # ------------------------------------------------------------------ internals
+
+    def _snapshot(self, slot: int) -> Snapshot:
+        key = self._keys[slot]
+        if key is None:
+            raise KeyError(f"slot {slot} holds no stream")
+        return Snapshot(
+            key=key,
+            partition=int(self._partition[slot]),
+            offset=int(self._offset[slot]),
+            step=int(self._steps[slot]),
+            states=tuple(slab[slot].copy() for slab in self._slabs),
+        )
+
+    def _clear(self, slots: Slots) -> None:
+        for slab in self._slabs:
+            slab[slots] = 0.0
+        self._steps[slots] = 0
+        self._dirty[slots] = False
+
+    def _next_unused(self) -> int:
+        slot = self._high_water
+        self._high_water += 1
+        return slot
+
+    def _make_room(self, needed: int) -> None:
+        """Grow, then evict least recently used, until `needed` slots are free."""
+        available = len(self._free) + self.capacity - self._high_water
+        if needed > available and self.capacity < self._max_streams:
+            target = self.capacity
+            while (
+                target - self._high_water + len(self._free) < needed and target < self._max_streams
+            ):
+                target *= 2
+            self._grow(min(target, self._max_streams))
+            available = len(self._free) + self.capacity - self._high_water
+        if needed > available:
+            self._evict_lru(needed - available)
+
+    def _grow(self, capacity: int) -> None:
+        extra = capacity - self.capacity
+        self._slabs = [
+            np.concatenate([slab, np.zeros((extra, *slab.shape[1:]), dtype=np.float32)])
+            for slab in self._slabs
+        ]
+        self._keys.extend([None] * extra)
+        self._steps = np.concatenate([self._steps, np.zeros(extra, dtype=np.int64)])
+        self._last_seen = np.concatenate([self._last_seen, np.zeros(extra, dtype=np.float64)])
+        self._last_used = np.concatenate([self._last_used, np.full(extra, _FREE, dtype=np.int64)])
+        self._partition = np.concatenate([self._partition, np.full(extra, -1, dtype=np.int32)])
+        self._offset = np.concatenate([self._offset, np.full(extra, -1, dtype=np.int64)])
+        self._dirty = np.concatenate([self._dirty, np.zeros(extra, dtype=np.bool_)])
+
+    def _evict_lru(self, count: int) -> None:
+        used = self._last_used[: self._high_water]
+        victims = (
+            np.argpartition(used, count - 1)[:count] if count < len(used) else np.arange(len(used))
+        )
+        if (used[victims] >= self._tick).any():
+            raise ValueError(
+                "cannot evict a stream of the current call: the call exceeds max_streams"
+            )
+        self._remove(victims.astype(np.int64), tombstone=True)
+        if self._on_evict is not None:
+            self._on_evict("lru", count)
+
+    def _remove(self, slots: Slots, *, tombstone: bool) -> None:
+        for slot in slots.tolist():
+            key = self._keys[slot]
+            if key is None:
+                continue
+            del self._index[key]
+            if tombstone:
+                self._tombstones[key] = int(self._partition[slot])
+            self._keys[slot] = None
+            self._free.append(slot)
+        self._last_used[slots] = _FREE
+        self._partition[slots] = -1
+        self._dirty[slots] = False

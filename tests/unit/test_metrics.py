@@ -1,0 +1,175 @@
+import numpy as np
+import pytest
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.parser import text_string_to_metric_families
+
+from pipeline.codec import REASONS
+from pipeline.metrics import BatchHistogram, Metrics
+from pipeline.testing import random_weights
+
+ALLOWED_LABELS = {
+    "reason",
+    "cause",
+    "partition",
+    "name",
+    "version",
+    "identity",
+    "task",
+    "cell",
+    "device",
+    "provider",
+}
+
+
+def families(registry):
+    return {f.name: f for f in text_string_to_metric_families(generate_latest(registry).decode())}
+
+
+def sample(registry, metric, **labels):
+    return registry.get_sample_value(metric, labels)
+
+
+def test_every_metric_has_the_hiddenstate_prefix(metrics):
+    assert all(name.startswith("hiddenstate_") for name in families(metrics.registry))
+
+
+def test_the_exposition_has_every_declared_metric(metrics):
+    names = {n for n in families(metrics.registry) if not n.endswith("_created")}
+    assert names == {
+        "hiddenstate_events",
+        "hiddenstate_predictions",
+        "hiddenstate_dead_letters",
+        "hiddenstate_evictions",
+        "hiddenstate_inference_seconds",
+        "hiddenstate_queued_seconds",
+        "hiddenstate_end_to_end_seconds",
+        "hiddenstate_wave_size",
+        "hiddenstate_checkpoint_seconds",
+        "hiddenstate_active_streams",
+        "hiddenstate_state_store_bytes",
+        "hiddenstate_consumer_lag",
+        "hiddenstate_assigned_partitions",
+        "hiddenstate_restore_remaining_records",
+        "hiddenstate_device_fallback",
+        "hiddenstate_model_info",
+    }
+
+
+def test_counters_are_exposed_with_the_total_suffix(metrics):
+    metrics.events.inc(3)
+    assert sample(metrics.registry, "hiddenstate_events_total") == 3
+
+
+def test_no_label_can_hold_a_stream_id(metrics):
+    metrics.set_lag(0, 5)
+    metrics.set_model(
+        random_weights().spec, device="cpu", provider="CPUExecutionProvider", fallback=False
+    )
+    labels = {k for f in families(metrics.registry).values() for s in f.samples for k in s.labels}
+    assert labels - {"le"} <= ALLOWED_LABELS
+
+
+def test_every_dead_letter_reason_starts_at_zero(metrics):
+    for reason in REASONS:
+        assert sample(metrics.registry, "hiddenstate_dead_letters_total", reason=reason) == 0
+
+
+def test_both_eviction_causes_start_at_zero(metrics):
+    assert sample(metrics.registry, "hiddenstate_evictions_total", cause="lru") == 0
+    assert sample(metrics.registry, "hiddenstate_evictions_total", cause="ttl") == 0
+
+
+def test_count_eviction_adds_to_its_cause(metrics):
+    metrics.count_eviction("ttl", 4)
+    assert sample(metrics.registry, "hiddenstate_evictions_total", cause="ttl") == 4
+
+
+def test_model_info_names_model_device_and_provider(metrics):
+    spec = random_weights("lstm").spec
+    metrics.set_model(spec, device="cpu", provider="CPUExecutionProvider", fallback=True)
+    info = {
+        "name": "test-lstm",
+        "version": "1",
+        "identity": spec.identity,
+        "task": "regression",
+        "cell": "lstm",
+        "device": "cpu",
+        "provider": "CPUExecutionProvider",
+    }
+    assert sample(metrics.registry, "hiddenstate_model_info", **info) == 1
+    assert sample(metrics.registry, "hiddenstate_device_fallback") == 1
+
+
+def test_lag_is_per_partition_and_dropped_on_revocation(metrics):
+    metrics.set_lag(0, 10)
+    metrics.set_lag(1, 20)
+    metrics.forget_partition(0)
+    metrics.forget_partition(7)  # never reported: no error
+    assert sample(metrics.registry, "hiddenstate_consumer_lag", partition="0") is None
+    assert sample(metrics.registry, "hiddenstate_consumer_lag", partition="1") == 20
+
+
+def test_end_to_end_is_measured_from_event_time_to_acknowledgement(metrics):
+    metrics.observe_end_to_end([1_000_000, 1_000_500], acked_at=1_001.0)
+    registry = metrics.registry
+    assert sample(registry, "hiddenstate_end_to_end_seconds_count") == 2
+    assert sample(registry, "hiddenstate_end_to_end_seconds_sum") == pytest.approx(1.5)
+    assert sample(registry, "hiddenstate_end_to_end_seconds_bucket", le="0.5") == 1
+
+
+def test_two_metrics_objects_on_fresh_registries_do_not_clash():
+    Metrics(CollectorRegistry())
+    Metrics(CollectorRegistry())
+
+
+def test_the_same_registry_refuses_a_second_set_of_metrics(metrics):
+    with pytest.raises(ValueError, match="Duplicated timeseries"):
+        Metrics(metrics.registry)
+
+
+@pytest.fixture
+def histogram():
+    registry = CollectorRegistry()
+    return registry, BatchHistogram("test_seconds", "test", [0.1, 1.0], registry)
+
+
+def buckets(registry):
+    return [sample(registry, "test_seconds_bucket", le=le) for le in ("0.1", "1.0", "+Inf")]
+
+
+def test_a_batch_histogram_observation_lands_in_cumulative_buckets(histogram):
+    registry, h = histogram
+    h.observe(0.5)
+    h.observe(0.1)
+    assert buckets(registry) == [1, 2, 2]
+
+
+def test_a_batch_histogram_records_one_value_many_times(histogram):
+    registry, h = histogram
+    h.observe(2.0, count=5)
+    assert buckets(registry) == [0, 0, 5]
+    assert sample(registry, "test_seconds_sum") == 10.0
+    assert sample(registry, "test_seconds_count") == 5
+
+
+def test_a_batch_histogram_records_an_array_at_once(histogram):
+    registry, h = histogram
+    h.observe_many(np.array([0.05, 0.1, 0.7, 3.0, np.nan]))
+    assert buckets(registry) == [2, 3, 4]
+    assert sample(registry, "test_seconds_sum") == pytest.approx(3.85)
+
+
+def test_a_batch_histogram_ignores_nan(histogram):
+    registry, h = histogram
+    h.observe(float("nan"))
+    assert sample(registry, "test_seconds_count") == 0
+
+
+def test_latency_buckets_reach_from_50_microseconds_to_5_seconds(metrics):
+    metrics.inference_seconds.observe(1e-3)
+    bounds = [
+        s.labels["le"]
+        for s in families(metrics.registry)["hiddenstate_inference_seconds"].samples
+        if "le" in s.labels
+    ]
+    assert (bounds[0], bounds[-2], bounds[-1]) == ("5e-05", "5.0", "+Inf")

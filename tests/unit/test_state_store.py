@@ -1,0 +1,258 @@
+import tracemalloc
+
+import numpy as np
+import pytest
+
+from pipeline.model_spec import StateSpec
+from pipeline.state_store import Snapshot, StateStore
+
+H = StateSpec(name="h", output="h_out", shape=(2, 3))
+C = StateSpec(name="c", output="c_out", shape=(4,))
+
+
+class Evictions:
+    def __init__(self):
+        self.counts: dict[str, int] = {}
+
+    def __call__(self, cause: str, count: int) -> None:
+        self.counts[cause] = self.counts.get(cause, 0) + count
+
+
+def make_store(max_streams=100, ttl=0.0, capacity=2, on_evict=None) -> StateStore:
+    return StateStore(
+        (H, C),
+        max_streams=max_streams,
+        idle_ttl_seconds=ttl,
+        initial_capacity=capacity,
+        on_evict=on_evict,
+    )
+
+
+def acquire(store, keys, now=0.0, partition=0, offset=0):
+    return store.acquire(keys, [partition] * len(keys), [offset] * len(keys), now)
+
+
+def step(store, keys, value, now=0.0, partition=0, offset=0):
+    """Acquire `keys` and write `value` into every state element."""
+    slots = acquire(store, keys, now, partition, offset)
+    store.scatter(slots, [np.full((len(keys), *s.shape), value, np.float32) for s in (H, C)])
+    return slots
+
+
+def test_a_new_stream_starts_from_zeros_at_step_zero():
+    store = make_store()
+    slots = acquire(store, [b"a"])
+    h, c = store.gather(slots)
+    assert h.shape == (1, 2, 3)
+    assert c.shape == (1, 4)
+    assert not h.any()
+    assert not c.any()
+    assert store.steps(slots).tolist() == [0]
+
+
+def test_a_known_stream_keeps_its_slot():
+    store = make_store()
+    first = acquire(store, [b"a", b"b"])
+    assert acquire(store, [b"b", b"a"]).tolist() == first[::-1].tolist()
+
+
+def test_scatter_then_gather_round_trips_and_counts_a_step():
+    store = make_store()
+    slots = step(store, [b"a", b"b"], 1.5)
+    h, c = store.gather(slots)
+    assert (h == 1.5).all()
+    assert (c == 1.5).all()
+    assert store.steps(slots).tolist() == [1, 1]
+
+
+def test_gather_returns_copies_not_views():
+    store = make_store()
+    slots = step(store, [b"a"], 1.0)
+    store.gather(slots)[0][:] = 9.0
+    assert (store.gather(slots)[0] == 1.0).all()
+
+
+def test_capacity_doubles_and_keeps_existing_states():
+    store = make_store(capacity=2)
+    step(store, [b"a", b"b"], 2.0)
+    step(store, [b"c", b"d", b"e"], 3.0)
+    assert store.capacity == 8
+    assert len(store) == 5
+    assert (store.gather(acquire(store, [b"a", b"b"]))[0] == 2.0).all()
+
+
+def test_capacity_never_passes_max_streams():
+    store = make_store(max_streams=5, capacity=4)
+    acquire(store, [b"a", b"b", b"c", b"d", b"e"])
+    assert store.capacity == 5
+
+
+def test_at_the_cap_the_least_recently_used_stream_is_evicted_and_counted():
+    evictions = Evictions()
+    store = make_store(max_streams=3, on_evict=evictions)
+    for key in (b"a", b"b", b"c"):
+        step(store, [key], 1.0)
+    acquire(store, [b"a"])  # a is now more recent than b and c
+    acquire(store, [b"d"])
+    assert sorted(store.keys()) == [b"a", b"c", b"d"]
+    assert evictions.counts == {"lru": 1}
+
+
+def test_an_evicted_stream_gets_a_tombstone_with_its_partition():
+    store = make_store(max_streams=1)
+    step(store, [b"a"], 1.0, partition=4)
+    acquire(store, [b"b"])
+    assert store.drain_tombstones() == [(b"a", 4)]
+    assert store.drain_tombstones() == []
+
+
+def test_eviction_never_picks_a_stream_of_the_current_call():
+    store = make_store(max_streams=3)
+    acquire(store, [b"a", b"b", b"c"])
+    acquire(store, [b"c", b"d"])  # c is in the call: a and b are the candidates
+    assert b"c" in store
+    assert b"d" in store
+
+
+def test_more_streams_in_one_call_than_the_cap_is_refused():
+    with pytest.raises(ValueError, match="3 streams in one call, the store holds 2"):
+        acquire(make_store(max_streams=2), [b"a", b"b", b"c"])
+
+
+def test_an_evicted_stream_comes_back_from_zeros_and_its_tombstone_is_dropped():
+    store = make_store(max_streams=1)
+    step(store, [b"a"], 5.0)
+    acquire(store, [b"b"])
+    slots = acquire(store, [b"a"])
+    assert not store.gather(slots)[0].any()
+    assert store.steps(slots).tolist() == [0]
+    assert [key for key, _ in store.drain_tombstones()] == [b"b"]
+
+
+def test_idle_streams_are_evicted_after_the_ttl_and_counted():
+    evictions = Evictions()
+    store = make_store(ttl=10.0, on_evict=evictions)
+    acquire(store, [b"old"], now=0.0)
+    acquire(store, [b"new"], now=8.0)
+    assert store.evict_idle(now=12.0) == 1
+    assert list(store.keys()) == [b"new"]
+    assert evictions.counts == {"ttl": 1}
+    assert store.drain_tombstones() == [(b"old", 0)]
+
+
+def test_a_stream_seen_within_the_ttl_stays():
+    store = make_store(ttl=10.0)
+    acquire(store, [b"a"], now=0.0)
+    assert store.evict_idle(now=10.0) == 0
+
+
+def test_a_zero_ttl_never_evicts():
+    store = make_store(ttl=0.0)
+    acquire(store, [b"a"], now=0.0)
+    assert store.evict_idle(now=1e12) == 0
+
+
+def test_a_freed_slot_is_reused():
+    store = make_store(ttl=1.0, capacity=2)
+    acquire(store, [b"a", b"b"], now=0.0)
+    store.evict_idle(now=5.0)
+    acquire(store, [b"c", b"d"], now=5.0)
+    assert store.capacity == 2
+
+
+def test_reset_zeros_state_and_step_and_marks_the_stream_dirty():
+    store = make_store()
+    slots = step(store, [b"a"], 3.0)
+    store.drain_dirty()
+    assert store.reset(b"a") is True
+    assert not store.gather(slots)[0].any()
+    assert store.steps(slots).tolist() == [0]
+    assert [s.key for s in store.drain_dirty()] == [b"a"]
+
+
+def test_reset_of_an_unknown_stream_says_so():
+    assert make_store().reset(b"nobody") is False
+
+
+def test_dropping_a_partition_forgets_its_streams_without_tombstones():
+    store = make_store(max_streams=3)
+    step(store, [b"a", b"b"], 1.0, partition=0)
+    step(store, [b"c"], 1.0, partition=1)
+    acquire(store, [b"d"], partition=1)  # evicts a (LRU): a tombstone on partition 0
+    assert store.drop_partition(0) == 1
+    assert sorted(store.keys()) == [b"c", b"d"]
+    assert store.drain_tombstones() == []
+    assert [s.key for s in store.drain_dirty()] == [b"c"]
+
+
+def test_drain_dirty_returns_each_changed_stream_once():
+    store = make_store()
+    step(store, [b"a", b"b"], 1.0)
+    acquire(store, [b"c"])  # acquired, never stepped: nothing to save
+    assert sorted(s.key for s in store.drain_dirty()) == [b"a", b"b"]
+    assert store.drain_dirty() == []
+
+
+def test_a_snapshot_records_state_step_partition_and_offset():
+    store = make_store()
+    step(store, [b"a"], 2.0, partition=3, offset=41)
+    snap = store.snapshot(b"a")
+    assert (snap.key, snap.partition, snap.offset, snap.step) == (b"a", 3, 41, 1)
+    assert (snap.states[0] == 2.0).all()
+    assert snap.states[1].shape == (4,)
+
+
+def test_a_snapshot_of_an_unknown_stream_is_none():
+    assert make_store().snapshot(b"a") is None
+
+
+def test_a_snapshot_restores_into_another_store_as_clean():
+    source = make_store()
+    step(source, [b"a"], 2.5, partition=1, offset=9)
+    target = make_store()
+    target.restore(source.snapshot(b"a"), now=0.0)
+    snap = target.snapshot(b"a")
+    assert (snap.partition, snap.offset, snap.step) == (1, 9, 1)
+    assert (snap.states[0] == 2.5).all()
+    assert target.drain_dirty() == []
+
+
+def test_a_snapshot_of_another_shape_is_refused():
+    bad = Snapshot(
+        key=b"a",
+        partition=0,
+        offset=0,
+        step=1,
+        states=(np.zeros((2, 2), np.float32), np.zeros(4, np.float32)),
+    )
+    with pytest.raises(ValueError, match=r"state 'h' has shape \[2, 2\], the model's is \[2, 3\]"):
+        make_store().restore(bad, now=0.0)
+
+
+def test_a_repeated_key_in_one_call_gets_one_slot():
+    store = make_store()
+    slots = acquire(store, [b"a", b"a"])
+    assert slots[0] == slots[1]
+    assert len(store) == 1
+
+
+def test_nbytes_counts_slabs_and_columns():
+    store = make_store(capacity=4)
+    state_bytes = 4 * (2 * 3 + 4) * 4
+    assert state_bytes < store.nbytes < state_bytes + 4 * 64
+
+
+def test_memory_per_stream_is_the_state_plus_a_small_constant():
+    # scripts/measure_state_store.py measures 100k streams for docs/state-store.md;
+    # this guards the order of magnitude.
+    n = 20_000
+    keys = [b"device-%08d" % i for i in range(n)]
+    tracemalloc.start()
+    before = tracemalloc.get_traced_memory()[0]
+    store = StateStore((H,), max_streams=n, initial_capacity=1024)
+    for start in range(0, n, 256):
+        chunk = keys[start : start + 256]
+        store.acquire(chunk, np.zeros(len(chunk)), np.zeros(len(chunk)), 0.0)
+    per_stream = (tracemalloc.get_traced_memory()[0] - before) / n
+    tracemalloc.stop()
+    assert per_stream - H.nbytes < 256
