@@ -21,6 +21,16 @@ CommandMain = Callable[[list[str]], int]
 
 # name -> (module, function, one-line help). Imported only when chosen.
 _BUILTIN: dict[str, tuple[str, str, str]] = {
+    "serve": (
+        "pipeline.serve",
+        "main",
+        "serve a model: one hidden state per stream, one step per event",
+    ),
+    "produce": (
+        "pipeline.produce",
+        "main",
+        "send events to a topic from a file or the synthetic generator",
+    ),
     "kafka": ("pipeline.local_kafka", "main", "start, stop or check the local Kafka broker"),
 }
 

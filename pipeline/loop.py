@@ -1,0 +1,210 @@
+"""The serving loop: poll, step, publish, acknowledge, checkpoint.
+
+    poll ──> Processor.process ──> send predictions + dead letters
+                                      │ at-least-once: flush (wait for acks) every batch
+                                      ▼
+    every checkpoint interval: write changed states to the changelog, wait for
+    their acks, then commit the input offsets (exactly-once: all of it, with
+    the predictions, in one Kafka transaction)
+
+Offsets are committed only after everything produced from them is
+acknowledged, so a crash can repeat predictions but never lose one. The loop is
+single-threaded: kafka-python runs the rebalance callbacks inside `poll`,
+between two batches, so no batch is ever half done when partitions move.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+from pipeline.health import LoopState
+from pipeline.metrics import Metrics
+from pipeline.records import BatchResult, InputRecord
+from pipeline.state_store import StateStore
+from pipeline.transport import RebalanceCallback, Sink, Source
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class LoopSettings:
+    """The loop's part of the configuration."""
+
+    poll_timeout_s: float = 0.1
+    max_poll_records: int = 500
+    checkpoint_interval_s: float = 5.0
+    checkpoint_interval_events: int = 0  # 0: by time only
+    exactly_once: bool = False
+    flush_timeout_s: float = 60.0
+
+
+class BatchProcessor(Protocol):
+    """What the loop needs of the processor (`pipeline.processor.Processor`)."""
+
+    store: StateStore
+
+    def process(self, records: Sequence[InputRecord]) -> BatchResult:
+        """Serve one polled batch; an empty one still runs idle eviction."""
+        ...
+
+
+class Checkpointer(Protocol):
+    """Durable state (the changelog). Without one a checkpoint only commits offsets."""
+
+    def write_changes(self, sink: Sink) -> int:
+        """Queue snapshots of changed streams and tombstones on `sink`; return how many."""
+        ...
+
+    def restore(self, partitions: list[int]) -> None:
+        """Load the states of newly assigned input partitions before they are served."""
+        ...
+
+
+SourceFactory = Callable[[RebalanceCallback, RebalanceCallback], Source]
+
+
+class ServeLoop:
+    """Serves until `stop()`; then finishes its batch, checkpoints and leaves the group."""
+
+    def __init__(
+        self,
+        settings: LoopSettings,
+        processor: BatchProcessor,
+        sink: Sink,
+        make_source: SourceFactory,
+        metrics: Metrics,
+        health: LoopState,
+        checkpointer: Checkpointer | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._settings = settings
+        self._processor = processor
+        self._sink = sink
+        self._metrics = metrics
+        self._health = health
+        self._checkpointer = checkpointer
+        self._clock = clock
+        self._stopping = False
+        self._assigned: set[int] = set()
+        self._pending_offsets: dict[tuple[str, int], int] = {}
+        self._events_since_checkpoint = 0
+        self._last_checkpoint = clock()
+        self._in_transaction = False
+        # Exactly-once: event times of predictions that become visible at the next commit.
+        self._uncommitted_event_times: list[int] = []
+        self._source = make_source(self._on_assigned, self._on_revoked)
+
+    @property
+    def assigned(self) -> frozenset[int]:
+        """Input partitions this consumer serves now."""
+        return frozenset(self._assigned)
+
+    def stop(self) -> None:
+        """Ask the loop to leave after the batch in hand (safe from a signal handler)."""
+        self._stopping = True
+
+    def run(self) -> None:
+        """Serve until stopped. A server fault (not bad input) ends the loop uncommitted,
+        so the restart replays from the last checkpoint."""
+        try:
+            while not self._stopping:
+                self.run_once()
+            self._checkpoint()
+            log.info("stopped cleanly: outputs flushed and offsets committed")
+        finally:
+            self._close()
+
+    def run_once(self) -> None:
+        """One poll and everything that follows from it."""
+        self._health.beat()
+        records = self._source.poll(self._settings.poll_timeout_s, self._settings.max_poll_records)
+        if records:
+            self._begin_transaction_if_needed()
+        result = self._processor.process(records)
+        if records:
+            for output in result.outputs:
+                self._sink.send(output)
+            if self._settings.exactly_once:
+                self._uncommitted_event_times += result.event_times_ms
+            else:
+                self._sink.flush(self._settings.flush_timeout_s)
+                self._metrics.observe_end_to_end(result.event_times_ms, self._clock())
+            self._pending_offsets.update(result.next_offsets)
+            self._events_since_checkpoint += len(records)
+        for partition, lag in self._source.lag().items():
+            self._metrics.set_lag(partition, lag)
+        if self._checkpoint_due():
+            self._checkpoint()
+
+    def _checkpoint_due(self) -> bool:
+        by_events = self._settings.checkpoint_interval_events
+        if by_events and self._events_since_checkpoint >= by_events:
+            return True
+        return self._clock() - self._last_checkpoint >= self._settings.checkpoint_interval_s
+
+    def _begin_transaction_if_needed(self) -> None:
+        if self._settings.exactly_once and not self._in_transaction:
+            self._sink.begin()
+            self._in_transaction = True
+
+    def _checkpoint(self) -> None:
+        """Changed states to the changelog, wait for acks, then commit the input offsets."""
+        started = self._clock()
+        self._last_checkpoint = started
+        self._events_since_checkpoint = 0
+        if self._settings.exactly_once:
+            if not self._in_transaction:
+                return
+            if self._checkpointer is not None:
+                self._checkpointer.write_changes(self._sink)
+            self._sink.commit_transaction(self._pending_offsets, self._source.group_metadata())
+            self._in_transaction = False
+            self._metrics.observe_end_to_end(self._uncommitted_event_times, self._clock())
+            self._uncommitted_event_times = []
+        else:
+            if self._checkpointer is not None and self._checkpointer.write_changes(self._sink):
+                self._sink.flush(self._settings.flush_timeout_s)
+            self._source.commit(self._pending_offsets)
+        self._pending_offsets = {}
+        self._metrics.checkpoint_seconds.observe(self._clock() - started)
+
+    def _on_assigned(self, partitions: list[int]) -> None:
+        log.info("assigned input partitions %s", partitions)
+        if self._checkpointer is not None:
+            self._health.set_restoring(True)
+            try:
+                self._checkpointer.restore(partitions)
+            finally:
+                self._health.set_restoring(False)
+        self._assigned |= set(partitions)
+        self._publish_assignment()
+
+    def _on_revoked(self, partitions: list[int]) -> None:
+        log.info("giving up input partitions %s", partitions)
+        try:
+            self._checkpoint()
+        except Exception:
+            if self._settings.exactly_once:
+                raise  # the transaction's fate is unknown: restart from the last commit
+            # At-least-once: the next owner replays from the last commit; nothing is lost.
+            log.exception("checkpoint before giving up partitions %s failed", partitions)
+        dropped = sum(self._processor.store.drop_partition(p) for p in partitions)
+        log.info("dropped %d streams of partitions %s", dropped, partitions)
+        for partition in partitions:
+            self._metrics.forget_partition(partition)
+        self._assigned -= set(partitions)
+        self._publish_assignment()
+
+    def _publish_assignment(self) -> None:
+        self._health.set_assigned(len(self._assigned))
+        self._metrics.assigned_partitions.set(len(self._assigned))
+
+    def _close(self) -> None:
+        try:
+            self._sink.close()
+        finally:
+            self._source.close()

@@ -1,0 +1,281 @@
+"""The Kafka seam: the loop's view of the input and output sides.
+
+`Source` and `Sink` are the two small protocols the serving loop talks to;
+`KafkaSource` and `KafkaSink` implement them with kafka-python. Nothing else in
+`pipeline` touches a Kafka client type, so the loop can be unit-tested with
+in-memory doubles and another client (librdkafka) could plug in here.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Protocol
+
+from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer, TopicPartition
+from kafka.admin import ConfigResource, ConfigResourceType, NewTopic
+from kafka.consumer.subscription_state import ConsumerRebalanceListener
+from kafka.coordinator.assignors.cooperative_sticky import CooperativeStickyAssignor
+from kafka.errors import KafkaError, TopicAlreadyExistsError
+from kafka.structs import OffsetAndMetadata
+
+from pipeline.errors import HiddenstateError, KafkaSetupError
+from pipeline.records import InputRecord, OutputRecord
+
+log = logging.getLogger(__name__)
+
+Offsets = Mapping[tuple[str, int], int]
+"""(topic, partition) -> the next offset to read, i.e. last processed offset + 1."""
+
+
+class DeliveryError(HiddenstateError):
+    """Kafka did not acknowledge an output record; nothing of its batch may be committed."""
+
+
+class Source(Protocol):
+    """The input topic as the loop sees it."""
+
+    def poll(self, timeout_s: float, max_records: int) -> list[InputRecord]:
+        """Records in offset order per partition; rebalance callbacks run inside this call."""
+
+    def commit(self, offsets: Offsets) -> None:
+        """Commit offsets synchronously. Called only after their outputs are acknowledged."""
+
+    def lag(self) -> dict[int, int]:
+        """Records behind the end of each assigned partition, where known."""
+
+    def group_metadata(self) -> Any:
+        """Opaque group identity for offsets sent inside a transaction."""
+
+    def close(self) -> None:
+        """Leave the group (or keep the static membership) and release the connection."""
+
+
+class Sink(Protocol):
+    """The output side: predictions, dead letters and snapshots."""
+
+    def send(self, record: OutputRecord) -> None:
+        """Queue one record; a failure surfaces in the next `flush`."""
+
+    def flush(self, timeout_s: float) -> None:
+        """Wait until every queued record is acknowledged; `DeliveryError` if one was not."""
+
+    def begin(self) -> None:
+        """Exactly-once only: open a transaction for what is sent next."""
+
+    def commit_transaction(self, offsets: Offsets, group_metadata: Any) -> None:
+        """Exactly-once only: commit the input offsets with everything sent, atomically."""
+
+    def close(self) -> None:
+        """Flush what is queued and release the connection."""
+
+
+# A broker that does not answer in this time is reported at start, not waited for.
+_BOOTSTRAP_TIMEOUT_MS = 15_000
+
+RebalanceCallback = Callable[[list[int]], None]
+
+
+class _Listener(ConsumerRebalanceListener):  # type: ignore[misc]
+    """Forwards kafka-python's rebalance callbacks as plain partition numbers."""
+
+    def __init__(self, on_assigned: RebalanceCallback, on_revoked: RebalanceCallback) -> None:
+        self._on_assigned = on_assigned
+        self._on_revoked = on_revoked
+
+    def on_partitions_revoked(self, revoked: Sequence[TopicPartition]) -> None:
+        if revoked:
+            self._on_revoked(sorted(tp.partition for tp in revoked))
+
+    def on_partitions_assigned(self, assigned: Sequence[TopicPartition]) -> None:
+        if assigned:
+            self._on_assigned(sorted(tp.partition for tp in assigned))
+
+    def on_partitions_lost(self, lost: Sequence[TopicPartition]) -> None:
+        # Lost, not revoked: another member may already own them, so no
+        # checkpoint may be written for them; drop them like a revocation
+        # whose callback is told nothing can be committed.
+        if lost:
+            self._on_revoked(sorted(tp.partition for tp in lost))
+
+
+class KafkaSource:
+    """`Source` over a kafka-python consumer in a consumer group."""
+
+    def __init__(
+        self,
+        consumer_kwargs: Mapping[str, Any],
+        topic: str,
+        on_assigned: RebalanceCallback,
+        on_revoked: RebalanceCallback,
+    ) -> None:
+        """`consumer_kwargs` are kafka-python's (`KafkaConfig.consumer_kwargs()`)."""
+        try:
+            self._consumer = KafkaConsumer(
+                # Cooperative rebalancing moves only the partitions that change
+                # owner: the others keep serving, and their states stay in memory.
+                partition_assignment_strategy=(CooperativeStickyAssignor,),
+                bootstrap_timeout_ms=_BOOTSTRAP_TIMEOUT_MS,
+                **consumer_kwargs,
+            )
+        except KafkaError as exc:
+            raise _unreachable(consumer_kwargs, exc) from exc
+        self._consumer.subscribe([topic], listener=_Listener(on_assigned, on_revoked))
+
+    def poll(self, timeout_s: float, max_records: int) -> list[InputRecord]:
+        batches = self._consumer.poll(timeout_ms=int(timeout_s * 1000), max_records=max_records)
+        return [InputRecord.from_kafka(r) for records in batches.values() for r in records]
+
+    def commit(self, offsets: Offsets) -> None:
+        if offsets:
+            self._consumer.commit(_kafka_offsets(offsets))
+
+    def lag(self) -> dict[int, int]:
+        lags = {}
+        for tp in self._consumer.assignment():
+            end = self._consumer.highwater(tp)
+            position = self._consumer._subscription.assignment[tp].position
+            if end is not None and position is not None:
+                lags[tp.partition] = max(0, end - position.offset)
+        return lags
+
+    def group_metadata(self) -> Any:
+        return self._consumer.group_metadata()
+
+    def close(self) -> None:
+        self._consumer.close(autocommit=False)
+
+
+class KafkaSink:
+    """`Sink` over one idempotent kafka-python producer (transactional when configured)."""
+
+    def __init__(
+        self,
+        client_kwargs: Mapping[str, Any],
+        transactional_id: str | None = None,
+        linger_ms: int = 5,
+    ) -> None:
+        """`client_kwargs` are kafka-python's (`KafkaConfig.client_kwargs()`)."""
+        try:
+            self._producer = KafkaProducer(
+                acks="all",
+                enable_idempotence=True,
+                linger_ms=linger_ms,
+                batch_size=256 * 1024,
+                transactional_id=transactional_id,
+                bootstrap_timeout_ms=_BOOTSTRAP_TIMEOUT_MS,
+                **client_kwargs,
+            )
+        except KafkaError as exc:
+            raise _unreachable(client_kwargs, exc) from exc
+        self._pending: list[Any] = []
+        if transactional_id is not None:
+            self._producer.init_transactions()
+
+    def send(self, record: OutputRecord) -> None:
+        self._pending.append(
+            self._producer.send(
+                record.topic,
+                key=record.key,
+                value=record.value,
+                headers=list(record.headers),
+                partition=record.partition,
+            )
+        )
+
+    def flush(self, timeout_s: float) -> None:
+        pending, self._pending = self._pending, []
+        self._producer.flush(timeout=timeout_s)
+        for future in pending:
+            if future.failed():
+                raise DeliveryError(
+                    f"Kafka did not acknowledge an output record: {future.exception}"
+                )
+            if not future.is_done:
+                raise DeliveryError(f"an output record was not acknowledged within {timeout_s} s")
+
+    def begin(self) -> None:
+        """Open a transaction (exactly-once mode)."""
+        self._producer.begin_transaction()
+
+    def commit_transaction(self, offsets: Offsets, group_metadata: Any) -> None:
+        """Add the input offsets to the open transaction and commit it atomically."""
+        self._producer.send_offsets_to_transaction(_kafka_offsets(offsets), group_metadata)
+        self._producer.commit_transaction()
+        self._pending.clear()
+
+    def close(self) -> None:
+        self._producer.close(timeout=30)
+
+
+def _unreachable(kwargs: Mapping[str, Any], exc: Exception) -> KafkaSetupError:
+    servers = kwargs.get("bootstrap_servers")
+    return KafkaSetupError(
+        f"cannot reach Kafka at {servers} ({exc}); check --bootstrap-servers / "
+        "HIDDENSTATE_BOOTSTRAP_SERVERS, the security settings, and that the broker runs"
+    )
+
+
+def _kafka_offsets(offsets: Offsets) -> dict[TopicPartition, OffsetAndMetadata]:
+    return {
+        TopicPartition(topic, partition): OffsetAndMetadata(offset, "", -1)
+        for (topic, partition), offset in offsets.items()
+    }
+
+
+class Topics:
+    """Start-up checks and creation of the topics the server reads and writes."""
+
+    def __init__(self, client_kwargs: Mapping[str, Any]) -> None:
+        """`client_kwargs` are kafka-python's (`KafkaConfig.client_kwargs()`)."""
+        try:
+            self._admin = KafkaAdminClient(
+                bootstrap_timeout_ms=_BOOTSTRAP_TIMEOUT_MS, **client_kwargs
+            )
+        except KafkaError as exc:
+            raise _unreachable(client_kwargs, exc) from exc
+
+    def partitions(self, topic: str) -> int | None:
+        """How many partitions `topic` has, or None if it does not exist."""
+        for entry in self._admin.describe_topics([topic]):
+            if entry["name"] == topic and entry["error_code"] == 0:
+                return len(entry["partitions"])
+        return None
+
+    def require(self, topic: str, setting: str) -> int:
+        """Partition count of an existing topic; `KafkaSetupError` naming the setting if missing."""
+        count = self.partitions(topic)
+        if count is None:
+            raise KafkaSetupError(
+                f"topic {topic!r} ({setting}) does not exist; create it "
+                f"(e.g. `hiddenstate produce --topic {topic} ...` creates it) or fix the name"
+            )
+        return count
+
+    def ensure(self, topic: str, partitions: int, config: Mapping[str, str] | None = None) -> int:
+        """Create `topic` if missing; return its partition count."""
+        existing = self.partitions(topic)
+        if existing is not None:
+            return existing
+        try:
+            self._admin.create_topics(
+                [NewTopic(topic, partitions, -1, topic_configs=dict(config or {}))]
+            )
+            log.info("created topic %s with %d partitions", topic, partitions)
+        except TopicAlreadyExistsError:
+            pass  # another replica created it between our check and our request
+        count = self.partitions(topic)
+        if count is None:
+            raise KafkaSetupError(f"topic {topic!r} could not be created")
+        return count
+
+    def topic_config(self, topic: str) -> dict[str, str]:
+        """The topic's effective configuration (cleanup.policy, ...)."""
+        result = self._admin.describe_configs(
+            [ConfigResource(ConfigResourceType.TOPIC, topic)], config_filter="all"
+        )
+        entries = result.get("topic", {}).get(topic, {})
+        return {name: str(entry["value"]) for name, entry in entries.items()}
+
+    def close(self) -> None:
+        self._admin.close()
