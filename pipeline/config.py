@@ -90,6 +90,9 @@ class KafkaConfig:
     ssl_keyfile: str = _setting("", "client private key (PEM) for mutual TLS")
     max_poll_records: int = _setting(500, "most records one poll returns", minimum=1)
     poll_timeout_ms: int = _setting(100, "how long one poll waits for records", minimum=0)
+    bootstrap_timeout_ms: int = _setting(
+        15_000, "how long to wait for the brokers at start before failing", minimum=100
+    )
 
     def client_kwargs(self) -> dict[str, Any]:
         """Keyword arguments shared by kafka-python's consumer, producer and admin client."""
@@ -97,6 +100,7 @@ class KafkaConfig:
             "bootstrap_servers": [s.strip() for s in self.bootstrap_servers.split(",")],
             "client_id": self.client_id,
             "security_protocol": self.security_protocol,
+            "bootstrap_timeout_ms": self.bootstrap_timeout_ms,
         }
         optional = {
             "sasl_mechanism": self.sasl_mechanism,

@@ -70,9 +70,6 @@ class Sink(Protocol):
         """Flush what is queued and release the connection."""
 
 
-# A broker that does not answer in this time is reported at start, not waited for.
-_BOOTSTRAP_TIMEOUT_MS = 15_000
-
 RebalanceCallback = Callable[[list[int]], None]
 
 
@@ -115,7 +112,6 @@ class KafkaSource:
                 # Cooperative rebalancing moves only the partitions that change
                 # owner: the others keep serving, and their states stay in memory.
                 partition_assignment_strategy=(CooperativeStickyAssignor,),
-                bootstrap_timeout_ms=_BOOTSTRAP_TIMEOUT_MS,
                 **consumer_kwargs,
             )
         except KafkaError as exc:
@@ -163,7 +159,6 @@ class KafkaSink:
                 linger_ms=linger_ms,
                 batch_size=256 * 1024,
                 transactional_id=transactional_id,
-                bootstrap_timeout_ms=_BOOTSTRAP_TIMEOUT_MS,
                 **client_kwargs,
             )
         except KafkaError as exc:
@@ -229,9 +224,7 @@ class Topics:
     def __init__(self, client_kwargs: Mapping[str, Any]) -> None:
         """`client_kwargs` are kafka-python's (`KafkaConfig.client_kwargs()`)."""
         try:
-            self._admin = KafkaAdminClient(
-                bootstrap_timeout_ms=_BOOTSTRAP_TIMEOUT_MS, **client_kwargs
-            )
+            self._admin = KafkaAdminClient(**client_kwargs)
         except KafkaError as exc:
             raise _unreachable(client_kwargs, exc) from exc
 

@@ -11,17 +11,26 @@ No broker at all is a failure, not a skip: these tests exist to run.
 from __future__ import annotations
 
 import os
+import signal
+import socket
+import subprocess
+import sys
 import time
+import urllib.error
+import urllib.request
 import uuid
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.admin import NewTopic
+from prometheus_client.parser import text_string_to_metric_families
 
 from pipeline import local_kafka
 from pipeline.errors import LocalKafkaError
+from pipeline.testing import StepWeights, random_weights, write_onnx_step
 
 
 def _docker_answers() -> bool:
@@ -176,3 +185,123 @@ def kafka(kafka_bootstrap: str) -> Iterator[KafkaKit]:
     kit = KafkaKit(kafka_bootstrap)
     yield kit
     kit.close()
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on right now (for a server's metrics endpoint)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class Served:
+    """One `hiddenstate serve` process, driven as an operator would: flags, HTTP, signals."""
+
+    def __init__(self, args: list[str], log_path: Path, metrics_port: int) -> None:
+        self.args = args
+        self.log_path = log_path
+        self.metrics_url = f"http://127.0.0.1:{metrics_port}"
+        with log_path.open("ab") as log:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "pipeline.cli", "serve", *args],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                cwd=_REPO_ROOT,
+            )
+
+    def get(self, path: str) -> tuple[int, str]:
+        """HTTP GET on the metrics port: (status, body); (0, error) when nothing answers."""
+        try:
+            with urllib.request.urlopen(self.metrics_url + path, timeout=5) as response:
+                return response.status, response.read().decode()
+        except urllib.error.HTTPError as error:
+            return error.code, error.read().decode()
+        except OSError as error:
+            return 0, str(error)
+
+    def wait_ready(self, timeout: float = 60.0) -> None:
+        """Until /readyz says 200 (partitions assigned, nothing restoring)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise AssertionError(f"serve exited with {self.process.returncode}:\n{self.log()}")
+            if self.get("/readyz")[0] == 200:
+                return
+            time.sleep(0.2)
+        raise AssertionError(f"serve not ready after {timeout:.0f} s:\n{self.log()}")
+
+    def metric(self, sample_name: str, **labels: str) -> float:
+        """The current value of one sample on /metrics (0.0 if absent)."""
+        status, body = self.get("/metrics")
+        assert status == 200, body
+        for family in text_string_to_metric_families(body):
+            for sample in family.samples:
+                if sample.name == sample_name and all(
+                    sample.labels.get(k) == v for k, v in labels.items()
+                ):
+                    return float(sample.value)
+        return 0.0
+
+    def wait_metric(
+        self, sample_name: str, at_least: float, timeout: float = 60.0, **labels: str
+    ) -> None:
+        """Until the sample reaches `at_least` (counters only grow)."""
+        deadline = time.monotonic() + timeout
+        while (value := self.metric(sample_name, **labels)) < at_least:
+            if time.monotonic() > deadline:
+                raise AssertionError(
+                    f"{sample_name}{labels} = {value} < {at_least}:\n{self.log()}"
+                )
+            time.sleep(0.2)
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 60.0) -> int:
+        """Send `sig` and wait for the exit code."""
+        if self.process.poll() is None:
+            self.process.send_signal(sig)
+        return self.process.wait(timeout=timeout)
+
+    def wait_exit(self, timeout: float = 60.0) -> int:
+        return self.process.wait(timeout=timeout)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")[-6000:]
+
+
+_REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture
+def serve(kafka_bootstrap: str, tmp_path: Path) -> Iterator[Callable[..., Served]]:
+    """Start `hiddenstate serve` processes; all are killed at the end of the test."""
+    started: list[Served] = []
+
+    def start(*args: str, ready: bool = True) -> Served:
+        port = free_port()
+        served = Served(
+            ["--bootstrap-servers", kafka_bootstrap, "--metrics-port", str(port),
+             "--metrics-host", "127.0.0.1", *args],
+            tmp_path / f"serve-{len(started)}.log",
+            port,
+        )
+        started.append(served)
+        if ready:
+            served.wait_ready()
+        return served
+
+    yield start
+    for served in started:
+        if served.process.poll() is None:
+            served.process.kill()
+            served.process.wait()
+
+
+@pytest.fixture(scope="session")
+def gru_weights() -> StepWeights:
+    """A small two-layer GRU regressor; `NumpyStepModel(gru_weights)` is its reference."""
+    return random_weights("gru", n_features=3, hidden=8, layers=2, n_outputs=2, name="gru-it")
+
+
+@pytest.fixture(scope="session")
+def gru_model(gru_weights: StepWeights, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The ONNX step file of `gru_weights`."""
+    return write_onnx_step(gru_weights, tmp_path_factory.mktemp("models") / "gru-it.onnx")

@@ -234,6 +234,7 @@ def test_client_kwargs_pass_the_security_settings_through(tmp_path):
         "bootstrap_servers": ["k1:9093", "k2:9093"],
         "client_id": "hiddenstate",
         "security_protocol": "SASL_SSL",
+        "bootstrap_timeout_ms": 15_000,
         "sasl_mechanism": "SCRAM-SHA-256",
         "sasl_plain_username": "svc",
         "sasl_plain_password": "pw",
