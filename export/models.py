@@ -36,6 +36,10 @@ class NetConfig:
 
     `n_outputs` is the number of forecast targets (regression), classes
     (classification) or the vocabulary size (next_token, where `n_features` is 1).
+    `residual` (regression with one target per input feature): the head
+    forecasts the change from the current input, `y = x + delta`. Persistence
+    is then the network's zero, which makes "beat last value" the easy
+    part and leaves the capacity for what persistence misses.
     """
 
     cell: str
@@ -46,6 +50,7 @@ class NetConfig:
     layers: int = 1
     embedding_dim: int = 16
     dropout: float = 0.0
+    residual: bool = False
 
     def __post_init__(self) -> None:
         if self.cell not in CELLS:
@@ -54,6 +59,8 @@ class NetConfig:
             raise ExportError(f"task {self.task!r} is not one of {', '.join(TASKS)}")
         if self.task == "next_token" and self.n_features != 1:
             raise ExportError("a next_token model reads one token id per step: use n_features=1")
+        if self.residual and (self.task != "regression" or self.n_outputs != self.n_features):
+            raise ExportError("residual forecasting needs a regression with one target per feature")
         if min(self.n_features, self.n_outputs, self.hidden, self.layers) < 1:
             raise ExportError(f"sizes must be positive: {self}")
 
@@ -148,20 +155,26 @@ class RecurrentNet(nn.Module):
         new_state = tuple(new) if isinstance(new, tuple) else (new,)
         return self.head(out), new_state
 
-    def finish(self, raw: Tensor) -> Tensor:
-        """Head output → served units: de-normalised forecast, or probabilities."""
+    def finish(self, raw: Tensor, xs: Tensor) -> Tensor:
+        """Head output → served units: de-normalised forecast (plus `xs` if residual), or probabilities."""
         if self.config.task == "regression":
-            return raw * self.target_std + self.target_mean
+            forecast = raw * self.target_std + self.target_mean
+            return xs + forecast if self.config.residual else forecast
         return torch.softmax(raw, dim=-1)
+
+    def target_space(self, xs: Tensor, ys: Tensor) -> Tensor:
+        """Raw regression targets → what the head is trained to output (normalised, delta if residual)."""
+        delta = ys - xs if self.config.residual else ys
+        return (delta - self.target_mean) / self.target_std
 
     def run_sequence(
         self, xs: Tensor, state: tuple[Tensor, ...] | None = None
     ) -> tuple[Tensor, tuple[Tensor, ...]]:
         """Served predictions for whole sequences `[batch, time, ...]` (the parity reference)."""
         raw, new_state = self.forward(xs, state)
-        return self.finish(raw), new_state
+        return self.finish(raw, xs), new_state
 
     def step(self, x: Tensor, state: tuple[Tensor, ...]) -> tuple[Tensor, tuple[Tensor, ...]]:
         """One step for a batch of streams: `x` `[batch, n_features]` → (prediction, new state)."""
         raw, new_state = self.forward(x.unsqueeze(1), state)
-        return self.finish(raw.squeeze(1)), new_state
+        return self.finish(raw.squeeze(1), x), new_state

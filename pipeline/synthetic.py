@@ -23,7 +23,7 @@ What one stream's feature j looks like at step t::
   (`SyntheticStreams.periods`, between `min_period` and `max_period`
   steps), shared by the stream's features with per-feature loadings in
   [-1, 1]. This is what a seasonal-naive forecast exploits.
-- `noise`: AR(1) with coefficient 0.8 and a per-stream standard deviation
+- `noise`: AR(1) with coefficient 0.5 and a per-stream standard deviation
   around `noise`. It is autocorrelated, so a model that tracks it beats
   seasonal naive.
 - **Regime shifts**: each step, each stream starts a new regime with
@@ -47,7 +47,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-_AR = 0.8  # AR(1) coefficient of the noise
+_AR = 0.5  # AR(1) coefficient of the noise: persistent, but not so much that last value is optimal
 _MEAN_REVERSION = 0.002  # per step, pull of the level towards the regime's base
 _SPIKE_MIN, _SPIKE_MAX = 6.0, 10.0  # spike size, in noise standard deviations (plus amplitude)
 
@@ -128,8 +128,8 @@ class SyntheticStreams:
         self._phase2 = rng.uniform(0.0, 2.0 * np.pi, size=n)
         self._loading = rng.uniform(-1.0, 1.0, size=(n, f))
         # Features sit at different offsets so that they are not interchangeable.
-        self._offset = rng.normal(0.0, 2.0, size=(n, f))
-        self._base = rng.normal(0.0, 1.0, size=(n, 1))
+        self._offset = rng.normal(0.0, 0.5, size=(n, f))
+        self._base = rng.normal(0.0, 0.5, size=(n, 1))
         self._level = self._base.copy()
         self._slope = rng.normal(0.0, 0.002, size=(n, 1))
         self._amplitude = rng.uniform(0.5, 2.0, size=(n, 1))
