@@ -58,6 +58,19 @@ def refuse_bidirectional(module: nn.Module) -> None:
             )
 
 
+def refuse_parameter_dtypes(model: nn.Module) -> None:
+    """Raise ExportError for any floating parameter or buffer that is not float32."""
+    tensors = list(model.named_parameters()) + list(model.named_buffers())
+    for name, tensor in tensors:
+        if tensor.is_floating_point() and tensor.dtype != torch.float32:
+            raise ExportError(
+                f"{type(model).__name__}: '{name}' is {str(tensor.dtype).removeprefix('torch.')}; the step "
+                "contract is float32, call model.float() before exporting"
+            )
+        if tensor.is_complex():
+            raise ExportError(f"{type(model).__name__}: '{name}' is complex; ONNX steps are real")
+
+
 class RecurrentModuleAdapter(nn.Module):
     """A user module built on torch recurrent layers, driven one step at a time.
 
@@ -80,6 +93,7 @@ class RecurrentModuleAdapter(nn.Module):
                 "initial_state() and step() yourself (export.protocol.Steppable)"
             )
         refuse_bidirectional(module)
+        refuse_parameter_dtypes(module)
         self.module = module
         self._layers = [layer for _, layer in layers]
         self._layer_names = [name for name, _ in layers]
@@ -177,14 +191,36 @@ class RecurrentModuleAdapter(nn.Module):
         return out, tuple(new_state)
 
     def _probe_output_time_axis(self) -> int | None:
-        batch, time = 2, 3
+        # Two sequence lengths: the output axis whose size follows the length is time.
+        # One probe alone could mistake, say, 3 classes for 3 time steps.
+        batch = 2
+        short, long = self._probe(batch, 3), self._probe(batch, 5)
+        if short.dim() == long.dim():
+            moved = [
+                i for i, (a, b) in enumerate(zip(short.shape, long.shape, strict=True)) if a != b
+            ]
+            if moved == [1] and self.batch_first and short.shape[0] == batch:
+                return 1
+            if (
+                moved == [0]
+                and not self.batch_first
+                and short.dim() >= 2
+                and short.shape[1] == batch
+            ):
+                return 0
+            if not moved and short.dim() >= 1 and short.shape[0] == batch:
+                return None
+        raise ExportError(
+            f"{type(self.module).__name__} outputs {list(short.shape)} for 3 steps and "
+            f"{list(long.shape)} for 5 steps of a batch of {batch}: expected "
+            f"{'[batch, time, ...]' if self.batch_first else '[time, batch, ...]'} or [batch, ...]"
+        )
+
+    def _probe(self, batch: int, time: int) -> Tensor:
         shape = (
             (batch, time, self.n_features) if self.batch_first else (time, batch, self.n_features)
         )
-        if self.input_dtype == torch.int64:
-            xs = torch.zeros(shape, dtype=torch.int64)
-        else:
-            xs = torch.zeros(shape, dtype=self.input_dtype)
+        xs = torch.zeros(shape, dtype=self.input_dtype)
         was_training = self.module.training
         self.module.eval()
         try:
@@ -199,17 +235,7 @@ class RecurrentModuleAdapter(nn.Module):
             ) from exc
         finally:
             self.module.train(was_training)
-        leading = tuple(out.shape[:2])
-        if self.batch_first and leading == (batch, time):
-            return 1
-        if not self.batch_first and leading == (time, batch):
-            return 0
-        if out.dim() >= 1 and out.shape[0] == batch:
-            return None
-        raise ExportError(
-            f"{type(self.module).__name__} output has shape {list(out.shape)} for input "
-            f"{list(shape)}: expected [batch, time, ...], [time, batch, ...] or [batch, ...]"
-        )
+        return out
 
 
 def as_steppable(

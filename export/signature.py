@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from export.adapter import refuse_bidirectional
+from export.adapter import refuse_bidirectional, refuse_parameter_dtypes
 from pipeline.errors import ExportError
 
 # Two probe batch sizes that cannot be mistaken for any model dimension of size 1.
@@ -70,7 +70,7 @@ def inspect_step(
             "module built on nn.LSTM/nn.GRU/nn.RNN with export.as_steppable()"
         )
     refuse_bidirectional(model)
-    _refuse_parameter_dtypes(model)
+    refuse_parameter_dtypes(model)
     if input_dtype not in (torch.float32, torch.int64):
         raise ExportError(
             f"{who}: input dtype {_dtype_name(input_dtype)} is not served; the step contract takes "
@@ -184,18 +184,6 @@ def _batch_axis(name: str, small: Tensor, large: Tensor, who: str) -> int:
             "whose size is the batch size"
         )
     return differing[0]
-
-
-def _refuse_parameter_dtypes(model: nn.Module) -> None:
-    tensors = list(model.named_parameters()) + list(model.named_buffers())
-    for name, tensor in tensors:
-        if tensor.is_floating_point() and tensor.dtype != torch.float32:
-            raise ExportError(
-                f"{type(model).__name__}: '{name}' is {_dtype_name(tensor.dtype)}; the step "
-                "contract is float32, call model.float() before exporting"
-            )
-        if tensor.is_complex():
-            raise ExportError(f"{type(model).__name__}: '{name}' is complex; ONNX steps are real")
 
 
 def output_tuple(y: Tensor | tuple[Tensor, ...] | list[Tensor]) -> tuple[Tensor, ...]:

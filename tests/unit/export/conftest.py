@@ -17,7 +17,6 @@ LAYER_OF = {
     "lstm": lambda f, h, n, bf: nn.LSTM(f, h, n, batch_first=bf),
     "gru": lambda f, h, n, bf: nn.GRU(f, h, n, batch_first=bf),
 }
-FUSED_OP = {"rnn_tanh": "RNN", "rnn_relu": "RNN", "lstm": "LSTM", "gru": "GRU"}
 
 
 class PlainForecaster(nn.Module):
@@ -69,3 +68,26 @@ def plain_forecaster() -> Callable[..., PlainForecaster]:
 def onnx_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A folder shared by the session's exports (each test names its own file)."""
     return tmp_path_factory.mktemp("onnx")
+
+
+@pytest.fixture(scope="session")
+def exported_plain(onnx_dir: Path) -> Callable[[str, int, bool], tuple[PlainForecaster, Path]]:
+    """exported_plain(cell, layers, batch_first) -> (module, path), each exported once per session.
+
+    TorchScript keeps the many-configuration tests fast; the dynamo path has its own tests.
+    """
+    cache: dict[tuple[str, int, bool], tuple[PlainForecaster, Path]] = {}
+
+    def get(cell: str, layers: int, batch_first: bool) -> tuple[PlainForecaster, Path]:
+        key = (cell, layers, batch_first)
+        if key not in cache:
+            from export.onnx_export import export_onnx
+
+            torch.manual_seed(layers)
+            module = PlainForecaster(cell, layers, batch_first)
+            path = onnx_dir / f"{cell}-{layers}-{'bf' if batch_first else 'tf'}.onnx"
+            export_onnx(module, path, info_for(), exporter="torchscript", parity_sequences=4)
+            cache[key] = (module, path)
+        return cache[key]
+
+    return get
