@@ -130,3 +130,10 @@ def test_hand_written_steppable_exports_with_its_state_moved_to_batch_first(
         expected, (h,) = model.step(torch.from_numpy(x), model.initial_state(4))
     np.testing.assert_allclose(score, expected.numpy(), atol=1e-5)
     np.testing.assert_allclose(memory, h.T.numpy(), atol=1e-5)
+
+
+def test_package_lists_its_public_api_sorted_and_every_name_resolves() -> None:
+    import export
+
+    assert export.__all__ == sorted(export.__all__)
+    assert all(getattr(export, name) is not None for name in export.__all__)
