@@ -77,6 +77,12 @@ class RecurrentNet(nn.Module):
     per tensor: `(h,)`, or `(h, c)` for an LSTM.
     """
 
+    # Buffers, declared for type checkers (register_buffer creates them).
+    in_mean: Tensor
+    in_std: Tensor
+    target_mean: Tensor
+    target_std: Tensor
+
     def __init__(self, config: NetConfig) -> None:
         super().__init__()
         self.config = config
