@@ -249,9 +249,7 @@ class Served:
         deadline = time.monotonic() + timeout
         while (value := self.metric(sample_name, **labels)) < at_least:
             if time.monotonic() > deadline:
-                raise AssertionError(
-                    f"{sample_name}{labels} = {value} < {at_least}:\n{self.log()}"
-                )
+                raise AssertionError(f"{sample_name}{labels} = {value} < {at_least}:\n{self.log()}")
             time.sleep(0.2)
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 60.0) -> int:
@@ -278,8 +276,15 @@ def serve(kafka_bootstrap: str, tmp_path: Path) -> Iterator[Callable[..., Served
     def start(*args: str, ready: bool = True) -> Served:
         port = free_port()
         served = Served(
-            ["--bootstrap-servers", kafka_bootstrap, "--metrics-port", str(port),
-             "--metrics-host", "127.0.0.1", *args],
+            [
+                "--bootstrap-servers",
+                kafka_bootstrap,
+                "--metrics-port",
+                str(port),
+                "--metrics-host",
+                "127.0.0.1",
+                *args,
+            ],
             tmp_path / f"serve-{len(started)}.log",
             port,
         )

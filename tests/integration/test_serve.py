@@ -102,8 +102,14 @@ def test_every_bad_input_lands_in_the_dead_letter_topic_and_valid_events_are_una
     kafka.produce(source, mixed)
 
     served = serve(
-        "--model", str(gru_model), "--input-topic", source, "--output-topic", output,
-        "--dead-letter-topic", dead,
+        "--model",
+        str(gru_model),
+        "--input-topic",
+        source,
+        "--output-topic",
+        output,
+        "--dead-letter-topic",
+        dead,
     )
     predictions = kafka.consume(output, count=len(good))
     dead_letters = kafka.consume(dead, count=len(BAD_EVENTS))
@@ -132,8 +138,14 @@ def test_least_recently_used_stream_is_evicted_at_the_cap_and_comes_back_fresh(
     source = kafka.create_topic("events", partitions=1)
     output = kafka.create_topic("predictions", partitions=1)
     served = serve(
-        "--model", str(gru_model), "--input-topic", source, "--output-topic", output,
-        "--max-streams", "2",
+        "--model",
+        str(gru_model),
+        "--input-topic",
+        source,
+        "--output-topic",
+        output,
+        "--max-streams",
+        "2",
     )
     x = b'{"x": [0.1, 0.2, 0.3]}'
     # a, b fill the store; a is used again, so c evicts b, not a; b then evicts c.
@@ -153,8 +165,14 @@ def test_stream_idle_past_the_ttl_is_evicted_and_starts_fresh(kafka, serve, gru_
     source = kafka.create_topic("events", partitions=1)
     output = kafka.create_topic("predictions", partitions=1)
     served = serve(
-        "--model", str(gru_model), "--input-topic", source, "--output-topic", output,
-        "--idle-ttl-seconds", "1",
+        "--model",
+        str(gru_model),
+        "--input-topic",
+        source,
+        "--output-topic",
+        output,
+        "--idle-ttl-seconds",
+        "1",
     )
     x = b'{"x": [0.1, 0.2, 0.3]}'
     kafka.produce(source, [(b"idle", x), (b"idle", x)])
@@ -193,8 +211,10 @@ def test_sigterm_stops_cleanly_and_a_restart_neither_loses_nor_repeats_a_predict
 
     assert "stopped cleanly" in first.log()
     assert 0 < sum(served_before.values()) < len(sent)
-    sources = [(json.loads(r.value)["source"]["partition"], json.loads(r.value)["source"]["offset"])
-               for r in records]
+    sources = [
+        (json.loads(r.value)["source"]["partition"], json.loads(r.value)["source"]["offset"])
+        for r in records
+    ]
     assert len(set(sources)) == len(sent)
     assert total == len(sent)
 
@@ -214,16 +234,23 @@ def test_metrics_and_health_endpoints_answer_over_http(kafka, serve, gru_model):
     assert served.metric("hiddenstate_predictions_total") == 6
     assert served.metric("hiddenstate_active_streams") == 3
     assert served.metric("hiddenstate_assigned_partitions") == 2
-    assert served.metric("hiddenstate_model_info", name="gru-it", provider="CPUExecutionProvider") == 1
+    assert (
+        served.metric("hiddenstate_model_info", name="gru-it", provider="CPUExecutionProvider") == 1
+    )
     served.stop()
 
 
 @pytest.mark.parametrize(
     ("flags", "message"),
     [
-        (["--bootstrap-servers", "127.0.0.1:1", "--bootstrap-timeout-ms", "1000"],
-         "cannot reach Kafka at ['127.0.0.1:1']"),
-        (["--input-topic", "no-such-topic-anywhere"], "topic 'no-such-topic-anywhere' (--input-topic) does not exist"),
+        (
+            ["--bootstrap-servers", "127.0.0.1:1", "--bootstrap-timeout-ms", "1000"],
+            "cannot reach Kafka at ['127.0.0.1:1']",
+        ),
+        (
+            ["--input-topic", "no-such-topic-anywhere"],
+            "topic 'no-such-topic-anywhere' (--input-topic) does not exist",
+        ),
         (["--model", "/nonexistent/model.onnx"], "/nonexistent/model.onnx"),
     ],
     ids=["unreachable-broker", "missing-topic", "unreadable-model"],
