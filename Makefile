@@ -10,7 +10,10 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup test lint unit integration kafka-start kafka-stop lock clean
+demo: setup
+	bash scripts/demo.sh
+
+.PHONY: demo setup test lint unit integration kafka-start kafka-stop lock clean
 
 # The virtual environment, installed from the lock (constraints.txt) so that every
 # machine gets the same versions. Rebuilt only when pyproject.toml or the lock change;

@@ -31,6 +31,7 @@ _BUILTIN: dict[str, tuple[str, str, str]] = {
         "main",
         "send events to a topic from a file or the synthetic generator",
     ),
+    "watch": ("pipeline.watch", "main", "print predictions from an output topic as they arrive"),
     "kafka": ("pipeline.local_kafka", "main", "start, stop or check the local Kafka broker"),
 }
 
@@ -79,8 +80,9 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    # kafka-python narrates every connection at INFO; its warnings still show.
-    logging.getLogger("kafka").setLevel(logging.WARNING)
+    # Libraries that narrate every connection or graph pass at INFO; warnings still show.
+    for chatty in ("kafka", "onnx_ir", "onnxscript", "torch"):
+        logging.getLogger(chatty).setLevel(logging.WARNING)
     try:
         command = _resolve(args[0])
         if command is None:
