@@ -29,7 +29,10 @@ def test_served_predictions_equal_pytorch_stepping_each_stream(kafka, serve, tmp
     streams, steps = 12, 15
     xs = rng.normal(size=(streams, steps, 4)).astype(np.float32)
     sent = [
-        (f"user-{i}".encode(), json.dumps({"x": dict(zip("abcd", xs[i, k].tolist()))}).encode())
+        (
+            f"user-{i}".encode(),
+            json.dumps({"x": dict(zip("abcd", xs[i, k].tolist(), strict=True))}).encode(),
+        )
         for k in range(steps)
         for i in range(streams)
     ]
