@@ -9,8 +9,9 @@
 
 Offsets are committed only after everything produced from them is
 acknowledged, so a crash can repeat predictions but never lose one. The loop is
-single-threaded: kafka-python runs the rebalance callbacks inside `poll`,
-between two batches, so no batch is ever half done when partitions move.
+effectively single-threaded: the rebalance callbacks run while the serving
+thread waits inside `poll` (`pipeline.transport`), between two batches, so no
+batch is ever half done when partitions move.
 """
 
 from __future__ import annotations
@@ -64,7 +65,7 @@ class Checkpointer(Protocol):
         ...
 
 
-SourceFactory = Callable[[RebalanceCallback, RebalanceCallback], Source]
+SourceFactory = Callable[[RebalanceCallback, RebalanceCallback, RebalanceCallback], Source]
 
 
 class ServeLoop:
@@ -96,7 +97,7 @@ class ServeLoop:
         self._in_transaction = False
         # Exactly-once: event times of predictions that become visible at the next commit.
         self._uncommitted_event_times: list[int] = []
-        self._source = make_source(self._on_assigned, self._on_revoked)
+        self._source = make_source(self._on_assigned, self._on_revoked, self._on_lost)
 
     @property
     def assigned(self) -> frozenset[int]:
@@ -168,7 +169,8 @@ class ServeLoop:
         else:
             if self._checkpointer is not None and self._checkpointer.write_changes(self._sink):
                 self._sink.flush(self._settings.flush_timeout_s)
-            self._source.commit(self._pending_offsets)
+            if not self._source.commit(self._pending_offsets):
+                return  # rebalancing: the offsets stay pending for the next checkpoint
         self._pending_offsets = {}
         self._metrics.checkpoint_seconds.observe(self._clock() - started)
 
@@ -199,12 +201,29 @@ class ServeLoop:
         self._assigned -= set(partitions)
         self._publish_assignment()
 
+    def _on_lost(self, partitions: list[int]) -> None:
+        """Partitions taken away without a revocation (this member was evicted from the
+        group): another member may own them already, so nothing may be written for
+        them. Their streams are dropped; the owner replays from the last commit."""
+        log.warning("lost input partitions %s: dropping their streams unwritten", partitions)
+        dropped = sum(self._processor.store.drop_partition(p) for p in partitions)
+        self._pending_offsets = {
+            tp: offset for tp, offset in self._pending_offsets.items() if tp[1] not in partitions
+        }
+        log.info("dropped %d streams of lost partitions %s", dropped, partitions)
+        for partition in partitions:
+            self._metrics.forget_partition(partition)
+        self._assigned -= set(partitions)
+        self._publish_assignment()
+
     def _publish_assignment(self) -> None:
         self._health.set_assigned(len(self._assigned))
         self._metrics.assigned_partitions.set(len(self._assigned))
 
     def _close(self) -> None:
+        # The source first: closing it revokes the partitions, and the revocation
+        # checkpoints through the sink.
         try:
-            self._sink.close()
-        finally:
             self._source.close()
+        finally:
+            self._sink.close()

@@ -27,6 +27,10 @@ from pipeline.model_spec import ModelSpec
 
 PREFIX = "hiddenstate_"
 EVICTION_CAUSES = ("lru", "ttl")
+SNAPSHOT_KINDS = ("state", "tombstone")
+# Why a changelog snapshot was not applied: another model identity or state
+# spec (a model roll-out), or bytes that are not a snapshot at all.
+DISCARD_REASONS = ("incompatible_model", "malformed")
 # Sub-millisecond steps up to slow, multi-second stalls.
 LATENCY_BUCKETS = (
     50e-6,
@@ -153,6 +157,28 @@ class Metrics:
             ["cause"],
             registry=registry,
         )
+        self.replayed_events_skipped = Counter(
+            p + "replayed_events_skipped",
+            "Replayed input records whose stream state already held them (after a restore).",
+            registry=registry,
+        )
+        self.snapshots_written = Counter(
+            p + "snapshots_written",
+            "State snapshots (and tombstones, kind=tombstone) written to the changelog.",
+            ["kind"],
+            registry=registry,
+        )
+        self.restored_streams = Counter(
+            p + "restored_streams",
+            "Stream states loaded from the changelog on partition assignment.",
+            registry=registry,
+        )
+        self.snapshots_discarded = Counter(
+            p + "snapshots_discarded",
+            "Changelog snapshots not applied: of another model or state spec, or unreadable.",
+            ["reason"],
+            registry=registry,
+        )
         # -- histograms
         self.inference_seconds = BatchHistogram(
             p + "inference_seconds",
@@ -174,6 +200,12 @@ class Metrics:
         )
         self.wave_size = BatchHistogram(
             p + "wave_size", "Streams stepped in one onnxruntime call.", WAVE_SIZE_BUCKETS, registry
+        )
+        self.restore_seconds = BatchHistogram(
+            p + "restore_seconds",
+            "Duration of one changelog restore (all newly assigned partitions).",
+            CHECKPOINT_BUCKETS,
+            registry,
         )
         self.checkpoint_seconds = BatchHistogram(
             p + "checkpoint_seconds",
@@ -217,6 +249,10 @@ class Metrics:
             self.dead_letters.labels(reason)
         for cause in EVICTION_CAUSES:
             self.evictions.labels(cause)
+        for kind in SNAPSHOT_KINDS:
+            self.snapshots_written.labels(kind)
+        for reason in DISCARD_REASONS:
+            self.snapshots_discarded.labels(reason)
 
     def set_model(self, spec: ModelSpec, *, device: str, provider: str, fallback: bool) -> None:
         """Publish what is served and where (`hiddenstate_model_info`, `..._device_fallback`)."""

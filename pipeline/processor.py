@@ -97,6 +97,7 @@ class Processor:
                 result.dead_letters.append(dead_letter(record, error, self._dead_letter_topic))
                 metrics.dead_letters.labels(error.reason).inc()
                 self._log_bad(record, error, now)
+        events = self._without_replays(events)
         predictions: list[OutputRecord | None] = [None] * len(events)
         for wave in plan_waves([e.key for e in events], self._max_wave):
             wave_events = [events[i] for i in wave]
@@ -111,6 +112,26 @@ class Processor:
     def _publish_store_size(self) -> None:
         self.metrics.active_streams.set(len(self.store))
         self.metrics.state_store_bytes.set(self.store.nbytes)
+
+    def _without_replays(self, events: list[Event]) -> list[Event]:
+        """Drop events the restored states already hold.
+
+        After a crash between writing snapshots and committing offsets, the
+        changelog is ahead of the committed offset: stepping those events again
+        would step a stream twice. Their predictions were acknowledged before the
+        snapshot was written, so skipping them loses nothing.
+        """
+        if not events:
+            return events
+        applied = self.store.already_applied(
+            [e.key for e in events],
+            [e.record.partition for e in events],
+            [e.record.offset for e in events],
+        )
+        if not applied.any():
+            return events
+        self.metrics.replayed_events_skipped.inc(int(applied.sum()))
+        return [e for e, done in zip(events, applied.tolist(), strict=True) if not done]
 
     def _step_wave(
         self, events: Sequence[Event], batch_started: float, now: float

@@ -17,6 +17,7 @@ from types import FrameType
 
 from prometheus_client import CollectorRegistry
 
+from pipeline import changelog
 from pipeline.config import ServeConfig, load_config
 from pipeline.health import HealthServer, LoopState
 from pipeline.loop import LoopSettings, ServeLoop
@@ -39,13 +40,15 @@ def loop_settings(config: ServeConfig) -> LoopSettings:
     )
 
 
-def check_topics(config: ServeConfig) -> int:
-    """Fail unless the input topic exists; create output and dead-letter topics like it."""
+def check_topics(config: ServeConfig, changelog_topic: str) -> int:
+    """Fail unless the input topic exists; create output and dead-letter topics like
+    it, and the changelog co-partitioned with it. Returns the partition count."""
     topics = Topics(config.kafka.client_kwargs())
     try:
         partitions = topics.require(config.topics.input_topic, "--input-topic")
         topics.ensure(config.topics.output_topic, partitions)
         topics.ensure(config.topics.dead_letter_topic, partitions)
+        changelog.ensure_topic(topics, changelog_topic, partitions)
         return partitions
     finally:
         topics.close()
@@ -63,8 +66,14 @@ def run(config: ServeConfig) -> None:
         model.spec.state_bytes,
         model.provider,
     )
-    partitions = check_topics(config)
-    log.info("input topic %s has %d partitions", config.topics.input_topic, partitions)
+    changelog_topic = config.topics.changelog_for(model.spec.name)
+    partitions = check_topics(config, changelog_topic)
+    log.info(
+        "input topic %s has %d partitions; states checkpointed to %s",
+        config.topics.input_topic,
+        partitions,
+        changelog_topic,
+    )
 
     metrics = Metrics(CollectorRegistry())
     metrics.set_model(
@@ -72,17 +81,22 @@ def run(config: ServeConfig) -> None:
     )
     health = LoopState(config.observability.liveness_timeout_seconds)
     processor = make_processor(model, config, metrics)
+    states = changelog.Changelog(
+        changelog_topic, model.spec, processor.store, metrics, config.kafka.client_kwargs()
+    )
     exactly_once = config.delivery.guarantee == "exactly-once"
     sink = KafkaSink(
         config.kafka.client_kwargs(),
         transactional_id=_transactional_id(config) if exactly_once else None,
     )
 
-    def make_source(on_assigned: RebalanceCallback, on_revoked: RebalanceCallback) -> KafkaSource:
+    def make_source(
+        on_assigned: RebalanceCallback, on_revoked: RebalanceCallback, on_lost: RebalanceCallback
+    ) -> KafkaSource:
         kwargs = config.kafka.consumer_kwargs()
         if exactly_once:
             kwargs["isolation_level"] = "read_committed"
-        return KafkaSource(kwargs, config.topics.input_topic, on_assigned, on_revoked)
+        return KafkaSource(kwargs, config.topics.input_topic, on_assigned, on_revoked, on_lost)
 
     server = HealthServer(
         metrics.registry,
@@ -92,7 +106,9 @@ def run(config: ServeConfig) -> None:
     ).start()
     log.info("metrics and health on http://%s:%d", config.observability.metrics_host, server.port)
     try:
-        loop = ServeLoop(loop_settings(config), processor, sink, make_source, metrics, health)
+        loop = ServeLoop(
+            loop_settings(config), processor, sink, make_source, metrics, health, states
+        )
 
         def request_stop(signum: int, frame: FrameType | None) -> None:
             log.info("%s: finishing the batch in hand, then stopping", signal.Signals(signum).name)

@@ -197,17 +197,63 @@ class StateStore:
                 f"snapshot of {snapshot.key!r}: {len(snapshot.states)} states, "
                 f"the model has {len(self._specs)}"
             )
-        for spec, array in zip(self._specs, snapshot.states, strict=True):
-            if array.shape != spec.shape:
+        self.restore_many(
+            [snapshot.key],
+            [snapshot.partition],
+            [snapshot.offset],
+            [snapshot.step],
+            [array[np.newaxis] for array in snapshot.states],
+            now,
+        )
+
+    def restore_many(
+        self,
+        keys: Sequence[bytes],
+        partitions: ArrayLike,
+        offsets: ArrayLike,
+        steps: ArrayLike,
+        states: Sequence[NDArray[np.float32]],
+        now: float,
+    ) -> None:
+        """Put many streams back at once (a changelog restore): `states[i]` is
+        `[len(keys), *shape]` for state tensor i. Keys must be distinct. Restored
+        streams are not dirty: the changelog already holds them."""
+        for spec, array in zip(self._specs, states, strict=True):
+            if array.shape[1:] != spec.shape or len(array) != len(keys):
                 raise ValueError(
-                    f"snapshot of {snapshot.key!r}: state {spec.name!r} has shape "
-                    f"{list(array.shape)}, the model's is {list(spec.shape)}"
+                    f"restore: state {spec.name!r} has shape {list(array.shape)}, "
+                    f"expected [{len(keys)}, {', '.join(map(str, spec.shape))}]"
                 )
-        slot = int(self.acquire([snapshot.key], [snapshot.partition], [snapshot.offset], now)[0])
-        for slab, array in zip(self._slabs, snapshot.states, strict=True):
-            slab[slot] = array
-        self._steps[slot] = snapshot.step
-        self._dirty[slot] = False
+        partitions = np.asarray(partitions, dtype=np.int32)
+        offsets = np.asarray(offsets, dtype=np.int64)
+        steps = np.asarray(steps, dtype=np.int64)
+        # At most max_streams per acquire: a restore larger than the cap keeps the
+        # last streams read, like the LRU order of a live run would.
+        chunk = self._max_streams
+        for start in range(0, len(keys), chunk):
+            part = slice(start, start + chunk)
+            slots = self.acquire(keys[part], partitions[part], offsets[part], now)
+            for slab, array in zip(self._slabs, states, strict=True):
+                slab[slots] = array[part]
+            self._steps[slots] = steps[part]
+            self._dirty[slots] = False
+
+    def already_applied(
+        self, keys: Sequence[bytes], partitions: ArrayLike, offsets: ArrayLike
+    ) -> NDArray[np.bool_]:
+        """For each event, whether its state already holds it: the stream's last
+        event came from the same partition at this offset or later. True only for
+        replays (after a restore from a snapshot newer than the committed offset),
+        since offsets only grow within a partition."""
+        index = self._index
+        slots = np.fromiter((index.get(k, -1) for k in keys), dtype=np.int64, count=len(keys))
+        known = slots >= 0
+        found = slots[known]
+        applied = np.zeros(len(keys), dtype=np.bool_)
+        applied[known] = (self._partition[found] == np.asarray(partitions)[known]) & (
+            self._offset[found] >= np.asarray(offsets)[known]
+        )
+        return applied
 
     # ------------------------------------------------------------------ housekeeping
 

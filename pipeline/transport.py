@@ -9,14 +9,15 @@ in-memory doubles and another client (librdkafka) could plug in here.
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Protocol
 
 from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.admin import ConfigResource, ConfigResourceType, NewTopic
-from kafka.consumer.subscription_state import ConsumerRebalanceListener
+from kafka.consumer.subscription_state import AsyncConsumerRebalanceListener
 from kafka.coordinator.assignors.cooperative_sticky import CooperativeStickyAssignor
-from kafka.errors import KafkaError, TopicAlreadyExistsError
+from kafka.errors import KafkaError, RebalanceInProgressError, TopicAlreadyExistsError
 from kafka.structs import OffsetAndMetadata
 
 from pipeline.errors import HiddenstateError, KafkaSetupError
@@ -38,8 +39,9 @@ class Source(Protocol):
     def poll(self, timeout_s: float, max_records: int) -> list[InputRecord]:
         """Records in offset order per partition; rebalance callbacks run inside this call."""
 
-    def commit(self, offsets: Offsets) -> None:
-        """Commit offsets synchronously. Called only after their outputs are acknowledged."""
+    def commit(self, offsets: Offsets) -> bool:
+        """Commit offsets synchronously, only after their outputs are acknowledged.
+        False: not now (the group is rebalancing); keep them for the next try."""
 
     def lag(self) -> dict[int, int]:
         """Records behind the end of each assigned partition, where known."""
@@ -73,31 +75,61 @@ class Sink(Protocol):
 RebalanceCallback = Callable[[list[int]], None]
 
 
-class _Listener(ConsumerRebalanceListener):  # type: ignore[misc]
-    """Forwards kafka-python's rebalance callbacks as plain partition numbers."""
+class _Listener(AsyncConsumerRebalanceListener):  # type: ignore[misc]
+    """Runs the loop's rebalance callbacks off kafka-python's IO thread.
 
-    def __init__(self, on_assigned: RebalanceCallback, on_revoked: RebalanceCallback) -> None:
-        self._on_assigned = on_assigned
-        self._on_revoked = on_revoked
+    kafka-python 3 calls rebalance listeners on its IO event loop, while the
+    serving thread waits inside `poll()` (or `close()`): no batch is being
+    processed then. The callbacks block (they flush, commit and read the
+    changelog), and blocking calls cannot run on the IO thread, which must
+    also keep heartbeating. So each callback runs in a short-lived worker
+    thread, and the listener yields to the event loop until it is done.
+    """
 
-    def on_partitions_revoked(self, revoked: Sequence[TopicPartition]) -> None:
-        if revoked:
-            self._on_revoked(sorted(tp.partition for tp in revoked))
+    def __init__(self, consumer: KafkaConsumer, callbacks: Mapping[str, RebalanceCallback]):
+        self._consumer = consumer
+        self._callbacks = callbacks
 
-    def on_partitions_assigned(self, assigned: Sequence[TopicPartition]) -> None:
-        if assigned:
-            self._on_assigned(sorted(tp.partition for tp in assigned))
+    async def on_partitions_revoked(self, revoked: Sequence[TopicPartition]) -> None:
+        await self._run("revoked", revoked)
 
-    def on_partitions_lost(self, lost: Sequence[TopicPartition]) -> None:
-        # Lost, not revoked: another member may already own them, so no
-        # checkpoint may be written for them; drop them like a revocation
-        # whose callback is told nothing can be committed.
-        if lost:
-            self._on_revoked(sorted(tp.partition for tp in lost))
+    async def on_partitions_assigned(self, assigned: Sequence[TopicPartition]) -> None:
+        await self._run("assigned", assigned)
+
+    async def on_partitions_lost(self, lost: Sequence[TopicPartition]) -> None:
+        await self._run("lost", lost)
+
+    async def _run(self, kind: str, partitions: Sequence[TopicPartition]) -> None:
+        if not partitions:
+            return
+        numbers = sorted(tp.partition for tp in partitions)
+        failure: list[BaseException] = []
+
+        def work() -> None:
+            try:
+                self._callbacks[kind](numbers)
+            except BaseException as exc:  # re-raised on the IO loop below
+                failure.append(exc)
+
+        worker = threading.Thread(target=work, name=f"hiddenstate-{kind}", daemon=True)
+        worker.start()
+        while worker.is_alive():
+            # kafka-python 3's event-loop sleep: heartbeats and the worker's own
+            # requests (a commit) run meanwhile.
+            await self._consumer._net.sleep(_WORKER_POLL_S)
+        if failure:
+            raise failure[0]
+
+
+_WORKER_POLL_S = 0.005
 
 
 class KafkaSource:
-    """`Source` over a kafka-python consumer in a consumer group."""
+    """`Source` over a kafka-python consumer in a consumer group.
+
+    The rebalance callbacks given here run while the serving thread waits in
+    `poll` or `close`: never concurrently with the processing of a batch.
+    """
 
     def __init__(
         self,
@@ -105,6 +137,7 @@ class KafkaSource:
         topic: str,
         on_assigned: RebalanceCallback,
         on_revoked: RebalanceCallback,
+        on_lost: RebalanceCallback,
     ) -> None:
         """`consumer_kwargs` are kafka-python's (`KafkaConfig.consumer_kwargs()`)."""
         try:
@@ -116,15 +149,24 @@ class KafkaSource:
             )
         except KafkaError as exc:
             raise _unreachable(consumer_kwargs, exc) from exc
-        self._consumer.subscribe([topic], listener=_Listener(on_assigned, on_revoked))
+        callbacks = {"assigned": on_assigned, "revoked": on_revoked, "lost": on_lost}
+        self._consumer.subscribe([topic], listener=_Listener(self._consumer, callbacks))
 
     def poll(self, timeout_s: float, max_records: int) -> list[InputRecord]:
         batches = self._consumer.poll(timeout_ms=int(timeout_s * 1000), max_records=max_records)
         return [InputRecord.from_kafka(r) for records in batches.values() for r in records]
 
-    def commit(self, offsets: Offsets) -> None:
-        if offsets:
+    def commit(self, offsets: Offsets) -> bool:
+        if not offsets:
+            return True
+        try:
             self._consumer.commit(_kafka_offsets(offsets))
+            return True
+        except RebalanceInProgressError:
+            # The group is between generations; the offsets stay pending and go
+            # with the next checkpoint (or the revocation's).
+            log.info("commit deferred: the consumer group is rebalancing")
+            return False
 
     def lag(self) -> dict[int, int]:
         lags = {}

@@ -10,6 +10,7 @@ from pipeline.testing import random_weights
 ALLOWED_LABELS = {
     "reason",
     "cause",
+    "kind",
     "partition",
     "name",
     "version",
@@ -50,6 +51,11 @@ def test_the_exposition_has_every_declared_metric(metrics):
         "hiddenstate_consumer_lag",
         "hiddenstate_assigned_partitions",
         "hiddenstate_restore_remaining_records",
+        "hiddenstate_restore_seconds",
+        "hiddenstate_replayed_events_skipped",
+        "hiddenstate_snapshots_written",
+        "hiddenstate_restored_streams",
+        "hiddenstate_snapshots_discarded",
         "hiddenstate_device_fallback",
         "hiddenstate_model_info",
     }

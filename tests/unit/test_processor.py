@@ -136,7 +136,7 @@ def test_a_reset_marks_the_stream_for_a_fresh_snapshot(make_processor, numpy_gru
     processor = make_processor(numpy_gru)
     processor.process(event_records([("a", ev(1))]))
     processor.store.drain_dirty()
-    processor.process(event_records([("a", ev(1, reset=True))]))
+    processor.process(event_records([("a", ev(1, reset=True))], first_offset=1))
     (snapshot,) = processor.store.drain_dirty()
     assert (snapshot.key, snapshot.step) == (b"a", 1)
 
@@ -190,7 +190,7 @@ def test_idle_streams_are_evicted_after_the_ttl_and_counted(
     processor = make_processor(numpy_gru, idle_ttl_seconds=60)
     processor.process(event_records([("a", ev(1)), ("b", ev(1))]))
     clock.advance(45)
-    processor.process(event_records([("b", ev(2))]))
+    processor.process(event_records([("b", ev(2))], first_offset=2))
     clock.advance(30)
     processor.process([])  # an empty poll still evicts
     assert list(processor.store.keys()) == [b"b"]
@@ -212,10 +212,20 @@ def test_the_least_recently_used_stream_is_evicted_at_the_cap_and_counted(
 ):
     processor = make_processor(numpy_gru, max_streams=2, max_wave_size=2)
     processor.process(event_records([("a", ev()), ("b", ev())]))
-    processor.process(event_records([("a", ev())]))
-    processor.process(event_records([("c", ev())]))
+    processor.process(event_records([("a", ev())], first_offset=2))
+    processor.process(event_records([("c", ev())], first_offset=3))
     assert sorted(processor.store.keys()) == [b"a", b"c"]
     assert counter(metrics, "hiddenstate_evictions_total", cause="lru") == 1
+
+
+def test_a_replayed_event_the_restored_state_already_holds_is_skipped(
+    make_processor, numpy_gru, metrics
+):
+    processor = make_processor(numpy_gru)
+    processor.process(event_records([("a", ev(1)), ("a", ev(2))]))  # offsets 0, 1
+    replay = processor.process(event_records([("a", ev(2)), ("a", ev(3))], first_offset=1))
+    assert [v["step"] for v in prediction_values(replay)] == [3]
+    assert counter(metrics, "hiddenstate_replayed_events_skipped_total") == 1
 
 
 def test_an_empty_batch_gives_an_empty_result(make_processor, numpy_gru):

@@ -225,7 +225,7 @@ def test_a_snapshot_of_another_shape_is_refused():
         step=1,
         states=(np.zeros((2, 2), np.float32), np.zeros(4, np.float32)),
     )
-    with pytest.raises(ValueError, match=r"state 'h' has shape \[2, 2\], the model's is \[2, 3\]"):
+    with pytest.raises(ValueError, match=r"state 'h' has shape \[1, 2, 2\], expected \[1, 2, 3\]"):
         make_store().restore(bad, now=0.0)
 
 
