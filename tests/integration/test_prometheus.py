@@ -24,15 +24,17 @@ import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 import yaml
 
 from pipeline.testing import random_weights, write_onnx_step
-from tests.integration.conftest import KafkaKit
 from tests.unit.deploy.promql import RULES, alert_probe, alert_rules, dashboard_queries
 from tests.unit.deploy.tools import REPO, require
+
+if TYPE_CHECKING:
+    from tests.integration.conftest import KafkaKit
 
 JOB = "hiddenstate"
 GRAFANA_VARIABLES = {"__rate_interval": "30s", "job": JOB, "instance": ".+"}

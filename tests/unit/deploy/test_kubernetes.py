@@ -164,12 +164,15 @@ def test_probes_ask_healthz_for_liveness_and_readyz_for_readiness_and_startup(
     }
 
 
-def test_liveness_gives_the_loop_its_configured_heartbeat_timeout(docs: Docs) -> None:
-    probe = _container(docs)["livenessProbe"]
-    allowed = float(_settings(docs)["HIDDENSTATE_LIVENESS_TIMEOUT_SECONDS"])
+def test_the_startup_probe_allows_ten_minutes_for_model_load_and_restore(docs: Docs) -> None:
     startup = _container(docs)["startupProbe"]
-    assert startup["periodSeconds"] * startup["failureThreshold"] >= 600
-    assert probe["periodSeconds"] * probe["failureThreshold"] < allowed
+    assert startup["periodSeconds"] * startup["failureThreshold"] == 600
+
+
+def test_liveness_restarts_a_stuck_loop_within_three_minutes(docs: Docs) -> None:
+    probe = _container(docs)["livenessProbe"]
+    heartbeat_timeout = float(_settings(docs)["HIDDENSTATE_LIVENESS_TIMEOUT_SECONDS"])
+    assert heartbeat_timeout + probe["periodSeconds"] * probe["failureThreshold"] <= 180
 
 
 def test_the_grace_period_outlasts_the_worst_drain(docs: Docs) -> None:
