@@ -10,10 +10,13 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-demo: setup
-	bash scripts/demo.sh
+KUSTOMIZE_VERSION ?= v5.8.0
 
-.PHONY: demo setup test lint unit integration kafka-start kafka-stop lock clean
+.PHONY: demo setup tools test lint unit integration kafka-start kafka-stop lock clean
+
+# The main job end to end: needs the environment only, not the deployment tools.
+demo: $(STAMP)
+	bash scripts/demo.sh
 
 # The virtual environment, installed from the lock (constraints.txt) so that every
 # machine gets the same versions. Rebuilt only when pyproject.toml or the lock change;
@@ -24,7 +27,28 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/python -m pip install -q -c constraints.txt -e '.[export,test]'
 	touch $(STAMP)
 
-setup: $(STAMP)
+setup: $(STAMP) tools
+
+# Programs the deployment tests run (tests/unit/deploy, tests/integration/test_prometheus.py):
+# Prometheus and promtool from Debian's `prometheus` package (installed here when run as
+# root, else named), and kustomize, built from the Go module proxy into $(BIN).
+tools: $(VENV)/.kustomize-$(KUSTOMIZE_VERSION)
+	@if ! command -v prometheus >/dev/null || ! command -v promtool >/dev/null; then
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+	    apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q prometheus
+	  else
+	    echo "make setup: the deployment tests need prometheus and promtool:" \
+	      "sudo apt-get install prometheus (Debian/Ubuntu)" >&2
+	  fi
+	fi
+
+$(VENV)/.kustomize-$(KUSTOMIZE_VERSION): | $(STAMP)
+	@if command -v go >/dev/null; then
+	  GOBIN=$(abspath $(BIN)) go install sigs.k8s.io/kustomize/kustomize/v5@$(KUSTOMIZE_VERSION)
+	  touch $@
+	else
+	  echo "make setup: the deployment tests need kustomize: install Go, then make setup" >&2
+	fi
 
 lint: setup
 	$(BIN)/ruff check pipeline export tests
