@@ -256,3 +256,22 @@ def test_memory_per_stream_is_the_state_plus_a_small_constant():
     per_stream = (tracemalloc.get_traced_memory()[0] - before) / n
     tracemalloc.stop()
     assert per_stream - H.nbytes < 256
+
+
+def test_restore_many_puts_states_steps_and_offsets_back_clean():
+    store = make_store()
+    h = np.arange(2 * 2 * 3, dtype=np.float32).reshape(2, 2, 3)
+    c = np.ones((2, 4), np.float32)
+    store.restore_many([b"a", b"b"], [1, 2], [10, 20], [5, 6], [h, c], now=0.0)
+    snapshot = store.snapshot(b"b")
+    assert (snapshot.partition, snapshot.offset, snapshot.step) == (2, 20, 6)
+    np.testing.assert_array_equal(snapshot.states[0], h[1])
+    assert store.drain_dirty() == []
+
+
+def test_an_event_at_or_before_the_restored_offset_is_already_applied():
+    store = make_store()
+    h, c = np.zeros((1, 2, 3), np.float32), np.zeros((1, 4), np.float32)
+    store.restore_many([b"a"], [1], [10], [5], [h, c], now=0.0)
+    applied = store.already_applied([b"a", b"a", b"a", b"b"], [1, 1, 2, 1], [9, 11, 3, 0])
+    assert applied.tolist() == [True, False, False, False]

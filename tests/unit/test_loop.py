@@ -1,0 +1,260 @@
+"""The serving loop's ordering rules, with an in-memory source and sink.
+
+What is checked is the order of effects: outputs acknowledged before offsets
+are committed, snapshots before offsets, everything in one transaction in
+exactly-once mode, revocations checkpointed, lost partitions not.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from pipeline.health import LoopState
+from pipeline.loop import LoopSettings, ServeLoop
+from pipeline.records import InputRecord, OutputRecord
+from pipeline.testing import event_records
+
+
+def ev(i: int = 0) -> dict[str, Any]:
+    return {"x": [0.1 * i, -0.2 * i, 0.3]}
+
+
+class Journal:
+    """Everything the fakes were asked to do, in order."""
+
+    def __init__(self) -> None:
+        self.entries: list[tuple[str, Any]] = []
+
+    def add(self, what: str, detail: Any = None) -> None:
+        self.entries.append((what, detail))
+
+    def kinds(self) -> list[str]:
+        return [what for what, _ in self.entries]
+
+
+class FakeSource:
+    """Returns the batches it was given, one per poll; runs rebalance callbacks on demand."""
+
+    def __init__(self, journal: Journal, on_assigned, on_revoked, on_lost) -> None:
+        self.journal = journal
+        self.batches: list[list[InputRecord]] = []
+        self.callbacks = {"assigned": on_assigned, "revoked": on_revoked, "lost": on_lost}
+        self.defer_commits = 0
+
+    def poll(self, timeout_s: float, max_records: int) -> list[InputRecord]:
+        return self.batches.pop(0) if self.batches else []
+
+    def commit(self, offsets) -> bool:
+        if self.defer_commits:
+            self.defer_commits -= 1
+            self.journal.add("commit-deferred", dict(offsets))
+            return False
+        self.journal.add("commit", dict(offsets))
+        return True
+
+    def lag(self) -> dict[int, int]:
+        return {}
+
+    def group_metadata(self) -> str:
+        return "group-metadata"
+
+    def close(self) -> None:
+        self.journal.add("source-close")
+
+    def rebalance(self, kind: str, partitions: list[int]) -> None:
+        self.callbacks[kind](partitions)
+
+
+class FakeSink:
+    def __init__(self, journal: Journal) -> None:
+        self.journal = journal
+
+    def send(self, record: OutputRecord) -> None:
+        self.journal.add("send", record.topic)
+
+    def flush(self, timeout_s: float) -> None:
+        self.journal.add("flush")
+
+    def begin(self) -> None:
+        self.journal.add("begin")
+
+    def commit_transaction(self, offsets, group_metadata) -> None:
+        self.journal.add("commit-transaction", (dict(offsets), group_metadata))
+
+    def close(self) -> None:
+        self.journal.add("sink-close")
+
+
+class FakeCheckpointer:
+    """Writes one snapshot record per changed stream, like the changelog does."""
+
+    def __init__(self, journal: Journal, store) -> None:
+        self.journal = journal
+        self.store = store
+
+    def write_changes(self, sink) -> int:
+        changed = self.store.drain_dirty()
+        for _ in changed:
+            sink.send(OutputRecord("changelog", b"k", b"v"))
+        return len(changed)
+
+    def restore(self, partitions: list[int]) -> None:
+        self.journal.add("restore", partitions)
+
+
+@pytest.fixture
+def journal() -> Journal:
+    return Journal()
+
+
+@pytest.fixture
+def make_loop(journal, make_processor, numpy_gru, metrics, clock):
+    """A loop over fakes; returns (loop, source, processor)."""
+
+    def build(checkpointer: bool = True, **settings: Any):
+        processor = make_processor(numpy_gru)
+        holder: dict[str, FakeSource] = {}
+
+        def make_source(on_assigned, on_revoked, on_lost):
+            holder["source"] = FakeSource(journal, on_assigned, on_revoked, on_lost)
+            return holder["source"]
+
+        loop = ServeLoop(
+            LoopSettings(**{"checkpoint_interval_s": 10.0, **settings}),
+            processor,
+            FakeSink(journal),
+            make_source,
+            metrics,
+            LoopState(clock=clock),
+            FakeCheckpointer(journal, processor.store) if checkpointer else None,
+            clock=clock,
+        )
+        return loop, holder["source"], processor
+
+    return build
+
+
+def test_outputs_are_flushed_before_the_offsets_of_their_batch_are_committed(make_loop, journal):
+    loop, source, _ = make_loop(checkpoint_interval_s=0.0)
+    source.batches = [event_records([("a", ev(1)), ("b", ev(2))])]
+    loop.run_once()
+    kinds = journal.kinds()
+    assert kinds.index("flush") < kinds.index("commit")
+    assert ("commit", {("events", 0): 2}) in journal.entries
+
+
+def test_snapshots_are_acknowledged_before_the_offsets_are_committed(make_loop, journal):
+    loop, source, _ = make_loop(checkpoint_interval_s=0.0)
+    source.batches = [event_records([("a", ev(1))])]
+    loop.run_once()
+    kinds = journal.kinds()
+    snapshot = journal.entries.index(("send", "changelog"))
+    last_flush = len(kinds) - 1 - kinds[::-1].index("flush")
+    assert snapshot < last_flush < kinds.index("commit")
+
+
+def test_nothing_is_committed_before_the_checkpoint_interval(make_loop, journal, clock):
+    loop, source, _ = make_loop(checkpoint_interval_s=5.0)
+    source.batches = [event_records([("a", ev(1))])]
+    loop.run_once()
+    assert "commit" not in journal.kinds()
+    clock.advance(5.0)
+    loop.run_once()
+    assert ("commit", {("events", 0): 1}) in journal.entries
+
+
+def test_a_checkpoint_also_follows_a_count_of_events(make_loop, journal):
+    loop, source, _ = make_loop(checkpoint_interval_s=60.0, checkpoint_interval_events=3)
+    source.batches = [event_records([("a", ev(1)), ("a", ev(2)), ("b", ev(3))])]
+    loop.run_once()
+    assert ("commit", {("events", 0): 3}) in journal.entries
+
+
+def test_offsets_of_a_commit_deferred_by_a_rebalance_go_with_the_next_checkpoint(
+    make_loop, journal, clock
+):
+    loop, source, _ = make_loop(checkpoint_interval_s=1.0)
+    source.defer_commits = 1
+    source.batches = [event_records([("a", ev(1))])]
+    clock.advance(1.0)
+    loop.run_once()
+    source.batches = [event_records([("a", ev(2))], first_offset=1)]
+    clock.advance(1.0)
+    loop.run_once()
+    assert journal.entries[-1] == ("commit", {("events", 0): 2})
+    assert ("commit-deferred", {("events", 0): 1}) in journal.entries
+
+
+def test_stop_finishes_with_a_checkpoint_and_closes_the_source_before_the_sink(make_loop, journal):
+    loop, source, _ = make_loop()
+    source.batches = [event_records([("a", ev(1))])]
+    loop.run_once()
+    loop.stop()
+    loop.run()
+    assert journal.kinds()[-3:] == ["commit", "source-close", "sink-close"]
+    assert ("commit", {("events", 0): 1}) in journal.entries
+
+
+def test_revoked_partitions_are_checkpointed_then_their_streams_dropped(make_loop, journal):
+    loop, source, processor = make_loop()
+    source.rebalance("assigned", [0, 1])
+    source.batches = [event_records([("a", ev(1)), ("b", ev(2))], partitions=2)]
+    loop.run_once()
+    keys_before = set(processor.store.keys())
+    source.rebalance("revoked", [0, 1])
+    assert keys_before == {b"a", b"b"}
+    assert "commit" in journal.kinds()
+    assert ("send", "changelog") in journal.entries
+    assert set(processor.store.keys()) == set()
+    assert loop.assigned == frozenset()
+
+
+def test_lost_partitions_are_dropped_without_writing_or_committing(make_loop, journal):
+    loop, source, processor = make_loop()
+    source.rebalance("assigned", [0])
+    source.batches = [event_records([("a", ev(1))])]
+    loop.run_once()
+    source.rebalance("lost", [0])
+    assert "commit" not in journal.kinds()
+    assert ("send", "changelog") not in journal.entries
+    assert len(processor.store) == 0
+    loop.stop()
+    loop.run()
+    assert ("commit", {}) in journal.entries
+
+
+def test_assigned_partitions_are_restored_and_the_loop_reports_them(make_loop, journal, metrics):
+    loop, source, _ = make_loop()
+    source.rebalance("assigned", [2, 3])
+    assert ("restore", [2, 3]) in journal.entries
+    assert loop.assigned == frozenset({2, 3})
+    assert metrics.registry.get_sample_value("hiddenstate_assigned_partitions") == 2
+
+
+def test_exactly_once_puts_outputs_snapshots_and_offsets_in_one_transaction(make_loop, journal):
+    loop, source, _ = make_loop(exactly_once=True, checkpoint_interval_s=0.0)
+    source.batches = [event_records([("a", ev(1))])]
+    loop.run_once()
+    assert journal.kinds() == ["begin", "send", "send", "commit-transaction"]
+    assert journal.entries[-1] == ("commit-transaction", ({("events", 0): 1}, "group-metadata"))
+    assert "flush" not in journal.kinds()
+
+
+def test_exactly_once_opens_no_transaction_for_an_empty_poll(make_loop, journal):
+    loop, _, _ = make_loop(exactly_once=True, checkpoint_interval_s=0.0)
+    loop.run_once()
+    assert journal.kinds() == []
+
+
+def test_bad_events_are_sent_to_the_dead_letter_topic_and_still_committed(make_loop, journal):
+    loop, source, _ = make_loop(checkpoint_interval_s=0.0)
+    source.batches = [event_records([("a", b"not json"), ("b", ev(1))])]
+    loop.run_once()
+    assert sorted(d for k, d in journal.entries if k == "send") == [
+        "changelog",
+        "events.dead-letter",
+        "predictions",
+    ]
+    assert ("commit", {("events", 0): 2}) in journal.entries
