@@ -7,6 +7,8 @@
     ├── ParityError                  the exported graph disagrees with PyTorch
     ├── BadEventError                one input record cannot be served (goes to the dead-letter topic)
     ├── KafkaSetupError              broker, topic or group not usable at start
+    ├── DeliveryError                Kafka refused an output record for good (stop uncommitted)
+    ├── FlushTimeoutError            outputs not acknowledged yet (the broker is away): wait on
     └── LocalKafkaError              the local development broker cannot start or stop
 
 Messages say what was wrong, with which input, and what to do about it.
@@ -46,6 +48,14 @@ class BadEventError(HiddenstateError):
 
 class KafkaSetupError(HiddenstateError):
     """The broker, a topic or the consumer group cannot be used at start."""
+
+
+class DeliveryError(HiddenstateError):
+    """Kafka refused an output record for good; nothing of its batch may be committed."""
+
+
+class FlushTimeoutError(HiddenstateError):
+    """Output records are not acknowledged yet (the broker may be away); they stay queued."""
 
 
 class LocalKafkaError(HiddenstateError):

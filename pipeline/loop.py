@@ -22,6 +22,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
+from pipeline.errors import FlushTimeoutError
 from pipeline.health import LoopState
 from pipeline.metrics import Metrics
 from pipeline.records import BatchResult, InputRecord
@@ -40,7 +41,10 @@ class LoopSettings:
     checkpoint_interval_s: float = 5.0
     checkpoint_interval_events: int = 0  # 0: by time only
     exactly_once: bool = False
-    flush_timeout_s: float = 60.0
+    # How long one wait for acknowledgements lasts before the loop beats its
+    # liveness heartbeat and waits again (the producer's own delivery timeout
+    # decides when a record is given up).
+    flush_wait_s: float = 5.0
 
 
 class BatchProcessor(Protocol):
@@ -132,7 +136,7 @@ class ServeLoop:
             if self._settings.exactly_once:
                 self._uncommitted_event_times += result.event_times_ms
             else:
-                self._sink.flush(self._settings.flush_timeout_s)
+                self._flush()
                 self._metrics.observe_end_to_end(result.event_times_ms, self._clock())
             self._pending_offsets.update(result.next_offsets)
             self._events_since_checkpoint += len(records)
@@ -140,6 +144,19 @@ class ServeLoop:
             self._metrics.set_lag(partition, lag)
         if self._checkpoint_due():
             self._checkpoint()
+
+    def _flush(self) -> None:
+        """Wait for every output's acknowledgement, however long the broker is away,
+        beating the liveness heartbeat meanwhile: an outage is not a stuck loop.
+        Records the producer gives up on (after its delivery timeout) raise
+        `DeliveryError`, which stops the server uncommitted."""
+        while True:
+            try:
+                self._sink.flush(self._settings.flush_wait_s)
+                return
+            except FlushTimeoutError:
+                self._health.beat()
+                log.warning("outputs not acknowledged yet; still waiting for the broker")
 
     def _checkpoint_due(self) -> bool:
         by_events = self._settings.checkpoint_interval_events
@@ -168,7 +185,7 @@ class ServeLoop:
             self._uncommitted_event_times = []
         else:
             if self._checkpointer is not None and self._checkpointer.write_changes(self._sink):
-                self._sink.flush(self._settings.flush_timeout_s)
+                self._flush()
             if not self._source.commit(self._pending_offsets):
                 return  # rebalancing: the offsets stay pending for the next checkpoint
         self._pending_offsets = {}

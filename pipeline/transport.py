@@ -17,10 +17,15 @@ from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.admin import ConfigResource, ConfigResourceType, NewTopic
 from kafka.consumer.subscription_state import AsyncConsumerRebalanceListener
 from kafka.coordinator.assignors.cooperative_sticky import CooperativeStickyAssignor
-from kafka.errors import KafkaError, RebalanceInProgressError, TopicAlreadyExistsError
+from kafka.errors import (
+    KafkaError,
+    KafkaTimeoutError,
+    RebalanceInProgressError,
+    TopicAlreadyExistsError,
+)
 from kafka.structs import OffsetAndMetadata
 
-from pipeline.errors import HiddenstateError, KafkaSetupError
+from pipeline.errors import DeliveryError, FlushTimeoutError, KafkaSetupError
 from pipeline.records import InputRecord, OutputRecord
 
 log = logging.getLogger(__name__)
@@ -29,8 +34,10 @@ Offsets = Mapping[tuple[str, int], int]
 """(topic, partition) -> the next offset to read, i.e. last processed offset + 1."""
 
 
-class DeliveryError(HiddenstateError):
-    """Kafka did not acknowledge an output record; nothing of its batch may be committed."""
+# How long the producer keeps retrying one output record (a broker outage)
+# before giving it up: then the server stops uncommitted and its restart
+# replays. Bounds the worst drain on SIGTERM (deploy/ sizes the grace period).
+DELIVERY_TIMEOUT_S = 60.0
 
 
 class Source(Protocol):
@@ -60,7 +67,8 @@ class Sink(Protocol):
         """Queue one record; a failure surfaces in the next `flush`."""
 
     def flush(self, timeout_s: float) -> None:
-        """Wait until every queued record is acknowledged; `DeliveryError` if one was not."""
+        """Wait until every queued record is acknowledged. `FlushTimeoutError` if some are not
+        yet (call again), `DeliveryError` if one was refused for good."""
 
     def begin(self) -> None:
         """Exactly-once only: open a transaction for what is sent next."""
@@ -167,6 +175,11 @@ class KafkaSource:
             # with the next checkpoint (or the revocation's).
             log.info("commit deferred: the consumer group is rebalancing")
             return False
+        except KafkaError as exc:
+            # The coordinator is away or this member was evicted: committing later
+            # (or the next owner replaying from the last commit) loses nothing.
+            log.warning("commit deferred: %s", exc)
+            return False
 
     def lag(self) -> dict[int, int]:
         lags = {}
@@ -199,6 +212,7 @@ class KafkaSink:
                 acks="all",
                 enable_idempotence=True,
                 linger_ms=linger_ms,
+                delivery_timeout_ms=int(DELIVERY_TIMEOUT_S * 1000),
                 batch_size=256 * 1024,
                 transactional_id=transactional_id,
                 **client_kwargs,
@@ -221,15 +235,18 @@ class KafkaSink:
         )
 
     def flush(self, timeout_s: float) -> None:
+        try:
+            self._producer.flush(timeout=timeout_s)
+        except KafkaTimeoutError as exc:
+            raise FlushTimeoutError(
+                f"{len(self._pending)} output records not acknowledged yet"
+            ) from exc
         pending, self._pending = self._pending, []
-        self._producer.flush(timeout=timeout_s)
         for future in pending:
             if future.failed():
-                raise DeliveryError(
-                    f"Kafka did not acknowledge an output record: {future.exception}"
-                )
-            if not future.is_done:
-                raise DeliveryError(f"an output record was not acknowledged within {timeout_s} s")
+                # The producer retried for DELIVERY_TIMEOUT_S: this one is lost unless
+                # its input is replayed, so its offset must never be committed.
+                raise DeliveryError(f"Kafka refused an output record: {future.exception}")
 
     def begin(self) -> None:
         """Open a transaction (exactly-once mode)."""

@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 
+from pipeline.errors import FlushTimeoutError
 from pipeline.health import LoopState
 from pipeline.loop import LoopSettings, ServeLoop
 from pipeline.records import InputRecord, OutputRecord
@@ -258,3 +259,25 @@ def test_bad_events_are_sent_to_the_dead_letter_topic_and_still_committed(make_l
         "predictions",
     ]
     assert ("commit", {("events", 0): 2}) in journal.entries
+
+
+def test_a_broker_outage_keeps_the_loop_waiting_and_beating_until_the_acks_come(
+    make_loop, journal, clock
+):
+    loop, source, _ = make_loop(checkpoint_interval_s=0.0)
+    sink = loop._sink
+    outage = iter([True, True])
+    beats: list[float] = []
+
+    def flush(timeout_s: float) -> None:
+        clock.advance(30.0)
+        if next(outage, False):
+            raise FlushTimeoutError("broker away")
+        journal.add("flush")
+
+    sink.flush = flush
+    loop._health.beat = lambda: beats.append(clock())
+    source.batches = [event_records([("a", ev(1))])]
+    loop.run_once()
+    assert len(beats) >= 3  # the iteration's own beat and one per failed wait
+    assert ("commit", {("events", 0): 1}) in journal.entries

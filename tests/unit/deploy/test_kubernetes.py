@@ -15,7 +15,7 @@ import pytest
 import yaml
 
 from pipeline.config import from_sources
-from pipeline.loop import LoopSettings
+from pipeline.transport import DELIVERY_TIMEOUT_S
 from tests.unit.deploy.conftest import OVERLAYS
 from tests.unit.deploy.dockerfiles import env_names, parse
 from tests.unit.deploy.promql import RULES
@@ -176,7 +176,7 @@ def test_liveness_restarts_a_stuck_loop_within_three_minutes(docs: Docs) -> None
 
 
 def test_the_grace_period_outlasts_the_worst_drain(docs: Docs) -> None:
-    flush = LoopSettings().flush_timeout_s
+    flush = DELIVERY_TIMEOUT_S  # the producer gives a record up after this
     worst_drain = flush + flush + COMMIT_TIMEOUT_S  # predictions, changelog, commit
     grace = _one(docs, "StatefulSet")["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
     assert grace > worst_drain
