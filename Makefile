@@ -51,8 +51,8 @@ $(VENV)/.kustomize-$(KUSTOMIZE_VERSION): | $(STAMP)
 	fi
 
 lint: setup
-	$(BIN)/ruff check pipeline export tests
-	$(BIN)/ruff format --check pipeline export tests
+	$(BIN)/ruff check pipeline export tests bench
+	$(BIN)/ruff format --check pipeline export tests bench
 	$(BIN)/mypy
 
 unit: setup

@@ -17,7 +17,10 @@ import numpy as np
 import pytest
 from kafka import KafkaConsumer, TopicPartition
 
+from pipeline import local_kafka
+from pipeline.errors import LocalKafkaError
 from pipeline.testing import NumpyStepModel, random_weights, write_onnx_step
+from tests.integration.conftest import KafkaKit, free_port
 
 STREAMS = 40
 
@@ -65,7 +68,14 @@ class Load:
             ahead = started + i / per_second - time.monotonic()
             if ahead > 0:
                 time.sleep(ahead)
-            kafka.produce(topic, events[i : i + chunk])
+            for attempt in range(30):  # the broker may be away for a while
+                try:
+                    kafka.produce(topic, events[i : i + chunk])
+                    break
+                except Exception:
+                    if attempt == 29:
+                        raise
+                    time.sleep(1.0)
 
     def join(self) -> None:
         self._thread.join()
@@ -305,3 +315,58 @@ def test_a_snapshot_of_another_model_is_discarded_counted_and_the_stream_starts_
     after = [v["step"] for v in values if v["source"]["offset"] >= before[v["source"]["partition"]]]
     assert after == [1] * STREAMS
     assert "not applied (incompatible_model)" in second.log()
+
+
+@pytest.fixture
+def private_broker(tmp_path):
+    """A broker of this test's own, which it may stop and start (the session's stays up)."""
+    kafka = local_kafka.LocalKafka(
+        home=tmp_path / "kafka", port=free_port(), controller_port=free_port()
+    )
+    try:
+        local_kafka.start(kafka)
+    except LocalKafkaError as error:
+        pytest.skip(f"a second local broker cannot start here: {error}")
+    yield kafka
+    local_kafka.stop(kafka)
+
+
+def test_the_server_rides_out_a_broker_restart_by_itself_and_loses_nothing(
+    private_broker, serve, gru_model, gru_weights
+):
+    kit = KafkaKit(private_broker.bootstrap)
+    source = kit.create_topic("events", partitions=2)
+    output = kit.create_topic("predictions", partitions=2)
+    served = serve(
+        "--bootstrap-servers",
+        private_broker.bootstrap,
+        "--model",
+        str(gru_model),
+        "--input-topic",
+        source,
+        "--output-topic",
+        output,
+        "--checkpoint-interval-seconds",
+        "0.3",
+        "--checkpoint-interval-events",
+        "0",
+    )
+    sent = make_events(steps=150, seed=3)
+    load = Load(kit, source, sent, per_second=800)
+    time.sleep(2.5)
+    local_kafka.stop(private_broker)
+    time.sleep(5.0)
+    local_kafka.start(private_broker)
+    load.join()
+    positions = source_positions(kit, source, len(sent))
+    records = serve_every_source(kit, output, positions)
+    still_running = served.process.poll() is None
+    served.stop()
+    kit.close()
+
+    assert still_running, served.log()
+    served_by_source = by_source(records)
+    assert set(served_by_source) == set(positions)
+    assert_last_prediction_of_every_event_is_the_reference(
+        served_by_source, positions, reference(gru_weights, sent)
+    )

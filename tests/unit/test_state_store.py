@@ -243,7 +243,7 @@ def test_nbytes_counts_slabs_and_columns():
 
 
 def test_memory_per_stream_is_the_state_plus_a_small_constant():
-    # scripts/measure_state_store.py measures 100k streams for docs/state-store.md;
+    # bench/measure_state_store.py measures 100k streams for docs/state-store.md;
     # this guards the order of magnitude.
     n = 20_000
     keys = [b"device-%08d" % i for i in range(n)]

@@ -1,6 +1,6 @@
 """Measure onnxruntime step time and the core's throughput (for docs/runtime.md).
 
-    PYTHONPATH=. python scripts/measure_runtime.py
+    PYTHONPATH=. python bench/measure_runtime.py
 
 1. `OrtStepModel.step` of a 64-unit GRU (12 features, 9 classes; 1 and 2
    layers) at batch 1 and 256, for intra-op threads 1 and 2 and spinning off

@@ -1,6 +1,6 @@
 """Measure the state store's memory per stream (for docs/state-store.md).
 
-    PYTHONPATH=. python scripts/measure_state_store.py [--streams 100000]
+    PYTHONPATH=. python bench/measure_state_store.py [--streams 100000]
 
 Traces every allocation (tracemalloc) while a store takes N streams of a
 2-layer, 64-unit GRU state (512 bytes), the way the processor fills it

@@ -1,6 +1,6 @@
 """Time the hot-path codec per event (for docs/runtime.md).
 
-    PYTHONPATH=. python scripts/measure_codec.py
+    PYTHONPATH=. python bench/measure_codec.py
 
 Decoding: a 12-feature event as an array and as an object, and a 1-token
 event. Encoding: a wave of 256 predictions of 9 class probabilities.
