@@ -370,3 +370,62 @@ def test_the_server_rides_out_a_broker_restart_by_itself_and_loses_nothing(
     assert_last_prediction_of_every_event_is_the_reference(
         served_by_source, positions, reference(gru_weights, sent)
     )
+
+
+@pytest.mark.parametrize(
+    ("partitions", "config", "message"),
+    [
+        (2, {"cleanup.policy": "compact"}, "has 2 partitions, the input topic 4"),
+        (4, {"cleanup.policy": "delete"}, "cleanup.policy='delete'; it must be compacted"),
+    ],
+    ids=["partition-count", "not-compacted"],
+)
+def test_a_changelog_that_breaks_co_partitioning_is_refused_at_start(
+    kafka, serve, durable_args, partitions, config, message
+):
+    _, _, args = durable_args
+    changelog = kafka.create_topic("changelog", partitions=partitions, **config)
+    served = serve(*args, "--changelog-topic", changelog, ready=False)
+    assert served.wait_exit() == 1
+    assert message in served.log()
+
+
+def test_an_evicted_stream_gets_a_tombstone_in_the_changelog(kafka, serve, durable_args):
+    source, _, args = durable_args
+    changelog = f"{source}.evictions.changelog"
+    served = serve(*args, "--changelog-topic", changelog, "--max-streams", "2")
+    x = b'{"x": [0.1, 0.2, 0.3]}'
+    for sent, key in enumerate((b"a", b"b", b"c"), start=1):  # c evicts a
+        kafka.produce(source, [(key, x)])
+        served.wait_metric("hiddenstate_events_total", sent)
+    served.wait_metric("hiddenstate_snapshots_written_total", 1, kind="tombstone")
+    served.stop()
+
+    records = read_all(kafka, changelog)
+    history = [
+        (r.key, r.value is None) for r in sorted(records, key=lambda r: r.offset) if r.key == b"a"
+    ]
+    assert history[-1] == (b"a", True)
+    assert (b"a", False) in history
+
+
+def test_a_static_member_restarted_within_the_session_timeout_keeps_its_partitions(
+    kafka, serve, durable_args
+):
+    _, _, args = durable_args
+    steady = serve(*args, "--instance-id", "pod-0")
+    crashing = serve(*args, "--instance-id", "pod-1", ready=False)
+    crashing.wait_ready()
+    steady.wait_metric("hiddenstate_assigned_partitions", 2)  # wait out the first rebalance
+    held = steady.metric("hiddenstate_assigned_partitions")
+    crashing.stop(signal.SIGKILL)
+    restarted = serve(*args, "--instance-id", "pod-1")
+    time.sleep(3.0)
+    after = steady.metric("hiddenstate_assigned_partitions")
+    restarted_held = restarted.metric("hiddenstate_assigned_partitions")
+    steady_log = steady.log()
+    steady.stop()
+    restarted.stop()
+
+    assert (held, after, restarted_held) == (2, 2, 2)
+    assert steady_log.count("giving up input partitions") == 1  # only the first split

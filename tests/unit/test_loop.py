@@ -91,9 +91,11 @@ class FakeSink:
 class FakeCheckpointer:
     """Writes one snapshot record per changed stream, like the changelog does."""
 
-    def __init__(self, journal: Journal, store) -> None:
+    def __init__(self, journal: Journal, store, health=None) -> None:
         self.journal = journal
         self.store = store
+        self.health = health
+        self.ready_while_restoring = None
 
     def write_changes(self, sink) -> int:
         changed = self.store.drain_dirty()
@@ -103,6 +105,7 @@ class FakeCheckpointer:
 
     def restore(self, partitions: list[int]) -> None:
         self.journal.add("restore", partitions)
+        self.ready_while_restoring = self.health.ready()[0] if self.health else None
 
 
 @pytest.fixture
@@ -116,6 +119,7 @@ def make_loop(journal, make_processor, numpy_gru, metrics, clock):
 
     def build(checkpointer: bool = True, **settings: Any):
         processor = make_processor(numpy_gru)
+        health = LoopState(clock=clock)
         holder: dict[str, FakeSource] = {}
 
         def make_source(on_assigned, on_revoked, on_lost):
@@ -128,8 +132,8 @@ def make_loop(journal, make_processor, numpy_gru, metrics, clock):
             FakeSink(journal),
             make_source,
             metrics,
-            LoopState(clock=clock),
-            FakeCheckpointer(journal, processor.store) if checkpointer else None,
+            health,
+            FakeCheckpointer(journal, processor.store, health) if checkpointer else None,
             clock=clock,
         )
         return loop, holder["source"], processor
@@ -230,6 +234,8 @@ def test_assigned_partitions_are_restored_and_the_loop_reports_them(make_loop, j
     loop, source, _ = make_loop()
     source.rebalance("assigned", [2, 3])
     assert ("restore", [2, 3]) in journal.entries
+    assert loop._checkpointer.ready_while_restoring is False
+    assert loop._health.ready()[0] is True
     assert loop.assigned == frozenset({2, 3})
     assert metrics.registry.get_sample_value("hiddenstate_assigned_partitions") == 2
 
