@@ -19,37 +19,11 @@ from kafka import KafkaConsumer, TopicPartition
 
 from pipeline import local_kafka
 from pipeline.errors import LocalKafkaError
-from pipeline.testing import NumpyStepModel, random_weights, write_onnx_step
+from pipeline.testing import random_weights, write_onnx_step
 from tests.integration.conftest import KafkaKit, free_port
+from tests.integration.streams import reference, round_robin_events
 
 STREAMS = 40
-
-
-def make_events(steps: int, seed: int = 0, streams: int = STREAMS) -> list[tuple[bytes, bytes]]:
-    rng = np.random.default_rng(seed)
-    x = rng.normal(size=(streams, steps, 3)).round(4)
-    return [
-        (f"s{i}".encode(), json.dumps({"x": x[i, k].tolist()}).encode())
-        for k in range(steps)
-        for i in range(streams)
-    ]
-
-
-def reference(weights, sent) -> dict[tuple[bytes, int], list[float]]:
-    """(stream, its k-th event) -> the output of stepping the stream alone."""
-    model = NumpyStepModel(weights)
-    states: dict[bytes, list[np.ndarray]] = {}
-    count: dict[bytes, int] = defaultdict(int)
-    expected = {}
-    for key, value in sent:
-        x = np.asarray([json.loads(value)["x"]], dtype=np.float32)
-        state = states.get(key) or [
-            np.zeros((1, *s.shape), np.float32) for s in weights.spec.states
-        ]
-        y, states[key] = model.step(x, state)
-        expected[(key, count[key])] = y["y"][0].tolist()
-        count[key] += 1
-    return expected
 
 
 class Load:
@@ -146,7 +120,7 @@ def assert_last_prediction_of_every_event_is_the_reference(served, positions, ex
         last = predictions[-1]
         assert last["key"] == key
         assert last["step"] == index + 1, (source, [p["step"] for p in predictions])
-        np.testing.assert_allclose(last["outputs"]["y"], expected[(key, index)], atol=1e-5)
+        np.testing.assert_allclose(last["outputs"]["y"], expected[key][index], atol=1e-5)
 
 
 @pytest.fixture
@@ -173,7 +147,7 @@ def test_a_restarted_server_continues_every_stream_where_it_stopped(
     kafka, serve, durable_args, gru_weights
 ):
     source, output, args = durable_args
-    sent = make_events(steps=20)
+    sent = round_robin_events(STREAMS, steps=20)
     half = len(sent) // 2
     kafka.produce(source, sent[:half])
     first = serve(*args)
@@ -200,7 +174,7 @@ def test_kill_9_under_load_loses_nothing_and_the_last_prediction_of_every_event_
 ):
     source, output, args = durable_args
     args += ["--instance-id", "pod-0"]
-    sent = make_events(steps=250)
+    sent = round_robin_events(STREAMS, steps=250)
     load = Load(kafka, source, sent, per_second=1500)
     rng = random.Random(11)
     kills = 0
@@ -228,7 +202,7 @@ def test_exactly_once_gives_one_committed_prediction_per_event_across_kill_9(
 ):
     source, output, args = durable_args
     args += ["--instance-id", "pod-0", "--guarantee", "exactly-once"]
-    sent = make_events(steps=200, seed=5)
+    sent = round_robin_events(STREAMS, steps=200, seed=5)
     load = Load(kafka, source, sent, per_second=1500)
     rng = random.Random(12)
     for _ in range(3):
@@ -254,7 +228,7 @@ def test_scaling_one_to_three_to_one_consumers_moves_states_exactly(
     kafka, serve, durable_args, gru_weights
 ):
     source, output, args = durable_args
-    sent = make_events(steps=250, seed=7)
+    sent = round_robin_events(STREAMS, steps=250, seed=7)
     load = Load(kafka, source, sent, per_second=1200)
     # Dynamic membership: a member that stops leaves the group at once (a static
     # member's partitions would wait for the session timeout instead).
@@ -278,9 +252,7 @@ def test_scaling_one_to_three_to_one_consumers_moves_states_exactly(
         key, index = positions[source_position]
         for prediction in predictions:  # every copy, not only the last
             assert prediction["step"] == index + 1
-            np.testing.assert_allclose(
-                prediction["outputs"]["y"], expected[(key, index)], atol=1e-5
-            )
+            np.testing.assert_allclose(prediction["outputs"]["y"], expected[key][index], atol=1e-5)
     assert any("restored" in o.log() and "streams of partitions" in o.log() for o in others)
 
 
@@ -295,12 +267,12 @@ def test_a_snapshot_of_another_model_is_discarded_counted_and_the_stream_starts_
         ),
         tmp_path / "retrained.onnx",
     )
-    kafka.produce(source, make_events(steps=3))
+    kafka.produce(source, round_robin_events(STREAMS, steps=3))
     first = serve(*args, "--changelog-topic", changelog)
     kafka.consume(output, count=3 * STREAMS)
     first.stop()
     before = kafka.end_offsets(source)
-    kafka.produce(source, make_events(steps=1, seed=9))
+    kafka.produce(source, round_robin_events(STREAMS, steps=1, seed=9))
     second = serve(
         *[other if a.endswith(".onnx") else a for a in map(str, args)],
         "--changelog-topic",
@@ -351,7 +323,7 @@ def test_the_server_rides_out_a_broker_restart_by_itself_and_loses_nothing(
         "--checkpoint-interval-events",
         "0",
     )
-    sent = make_events(steps=150, seed=3)
+    sent = round_robin_events(STREAMS, steps=150, seed=3)
     load = Load(kit, source, sent, per_second=800)
     time.sleep(2.5)
     local_kafka.stop(private_broker)

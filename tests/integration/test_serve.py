@@ -11,33 +11,7 @@ from collections import defaultdict
 import numpy as np
 import pytest
 
-from pipeline.testing import NumpyStepModel
-
-
-def events_for(streams: int, steps: int, seed: int = 0) -> list[tuple[bytes, bytes]]:
-    """Round-robin events: stream i's k-th event has x = a fixed random vector."""
-    rng = np.random.default_rng(seed)
-    x = rng.normal(size=(streams, steps, 3)).round(4)
-    return [
-        (f"s{i}".encode(), json.dumps({"x": x[i, k].tolist()}).encode())
-        for k in range(steps)
-        for i in range(streams)
-    ]
-
-
-def reference(weights, sent: list[tuple[bytes, bytes]]) -> dict[bytes, list[list[float]]]:
-    """Step each stream alone, in the order its events were sent: stream -> outputs."""
-    model = NumpyStepModel(weights)
-    states: dict[bytes, list[np.ndarray]] = {}
-    outputs: dict[bytes, list[list[float]]] = defaultdict(list)
-    for key, value in sent:
-        x = np.asarray([json.loads(value)["x"]], dtype=np.float32)
-        state = states.get(key) or [
-            np.zeros((1, *s.shape), np.float32) for s in weights.spec.states
-        ]
-        y, states[key] = model.step(x, state)
-        outputs[key].append(y["y"][0].tolist())
-    return outputs
+from tests.integration.streams import reference, round_robin_events
 
 
 def served_outputs(records) -> dict[bytes, list[dict]]:
@@ -53,7 +27,7 @@ def test_predictions_equal_stepping_each_stream_alone_across_four_partitions(
 ):
     source = kafka.create_topic("events", partitions=4)
     output = kafka.create_topic("predictions", partitions=4)
-    sent = events_for(streams=40, steps=25)
+    sent = round_robin_events(streams=40, steps=25)
     kafka.produce(source, sent)
 
     served = serve("--model", str(gru_model), "--input-topic", source, "--output-topic", output)
@@ -93,7 +67,7 @@ def test_every_bad_input_lands_in_the_dead_letter_topic_and_valid_events_are_una
     source = kafka.create_topic("events", partitions=2)
     output = kafka.create_topic("predictions", partitions=2)
     dead = kafka.create_topic("dead", partitions=2)
-    good = events_for(streams=5, steps=4, seed=1)
+    good = round_robin_events(streams=5, steps=4, seed=1)
     mixed = []
     for i, (key, value) in enumerate(good):
         mixed.append((key, value))
@@ -192,7 +166,7 @@ def test_sigterm_stops_cleanly_and_a_restart_neither_loses_nor_repeats_a_predict
 ):
     source = kafka.create_topic("events", partitions=4)
     output = kafka.create_topic("predictions", partitions=4)
-    sent = events_for(streams=20, steps=150, seed=2)
+    sent = round_robin_events(streams=20, steps=150, seed=2)
     args = ("--model", str(gru_model), "--input-topic", source, "--output-topic", output)
     first = serve(*args)
     producer = threading.Thread(
@@ -223,7 +197,7 @@ def test_metrics_and_health_endpoints_answer_over_http(kafka, serve, gru_model):
     source = kafka.create_topic("events", partitions=2)
     output = kafka.create_topic("predictions", partitions=2)
     served = serve("--model", str(gru_model), "--input-topic", source, "--output-topic", output)
-    kafka.produce(source, events_for(streams=3, steps=2))
+    kafka.produce(source, round_robin_events(streams=3, steps=2))
     kafka.consume(output, count=6)
     served.wait_metric("hiddenstate_end_to_end_seconds_count", 6)
 
