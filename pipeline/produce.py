@@ -118,7 +118,9 @@ def main(argv: list[str]) -> int:
         "--partitions", type=int, default=4, help="partitions when creating the topic (4)"
     )
     parser.add_argument(
-        "--count", type=int, help="events to send (default: the whole file; synthetic: 10000)"
+        "--count",
+        type=int,
+        help="events to send (default: the whole file; synthetic: 10000); 0 only creates the topic",
     )
     parser.add_argument("--rate", type=float, default=0.0, help="events per second; 0 = unpaced")
     parser.add_argument("--streams", type=int, default=100, help="synthetic: number of devices")

@@ -1,0 +1,74 @@
+"""The event sources of `hiddenstate produce`, and its pacing, without a broker."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import time
+
+import pytest
+
+from pipeline.errors import ConfigError
+from pipeline.produce import file_events, send, synthetic_events
+
+
+class ListProducer:
+    """Collects what would be sent."""
+
+    def __init__(self) -> None:
+        self.sent: list[tuple[str, bytes, bytes]] = []
+
+    def send(self, topic: str, key: bytes, value: bytes) -> None:
+        self.sent.append((topic, key, value))
+
+    def flush(self) -> None:
+        pass
+
+
+def test_a_file_gives_its_events_in_order(tmp_path):
+    path = tmp_path / "events.jsonl"
+    path.write_text('{"key": "a", "value": {"x": [1]}}\n\n{"key": "b", "value": {"x": [2]}}\n')
+    assert list(file_events(path)) == [("a", {"x": [1]}), ("b", {"x": [2]})]
+
+
+def test_a_repeated_file_renames_its_streams_each_round(tmp_path):
+    path = tmp_path / "events.jsonl"
+    path.write_text('{"key": "a", "value": {"x": [1]}}\n')
+    keys = [key for key, _ in itertools.islice(file_events(path, repeat=True), 3)]
+    assert keys == ["a", "a~1", "a~2"]
+
+
+def test_a_malformed_line_is_named_by_file_and_line_number(tmp_path):
+    path = tmp_path / "events.jsonl"
+    path.write_text('{"key": "a", "value": {"x": [1]}}\n{"value": {}}\n')
+    with pytest.raises(ConfigError, match=r"events\.jsonl:2: expected"):
+        list(file_events(path))
+
+
+def test_a_missing_file_is_a_clear_error(tmp_path):
+    with pytest.raises(ConfigError, match="no such file"):
+        next(file_events(tmp_path / "nope.jsonl"))
+
+
+def test_synthetic_events_go_round_robin_over_the_devices():
+    events = list(itertools.islice(synthetic_events(streams=3, features=5, seed=1), 6))
+    assert [key for key, _ in events] == ["device-00000", "device-00001", "device-00002"] * 2
+    assert {len(value["x"]) for _, value in events} == {5}
+
+
+def test_send_stamps_the_event_time_and_stops_at_the_count():
+    producer = ListProducer()
+    events = iter([("a", {"x": [1]}), ("b", {"x": [2], "ts": 5}), ("c", {"x": [3]})])
+    assert send(producer, "t", events, count=2, rate=0) == 2
+    values = [json.loads(value) for _, _, value in producer.sent]
+    assert values[0]["ts"] > 1_700_000_000_000
+    assert values[1]["ts"] == 5
+    assert [key for _, key, _ in producer.sent] == [b"a", b"b"]
+
+
+def test_send_keeps_to_the_rate():
+    producer = ListProducer()
+    events = ((f"s{i}", {"x": [i]}) for i in itertools.count())
+    started = time.monotonic()
+    send(producer, "t", events, count=50, rate=500.0)
+    assert time.monotonic() - started >= 49 / 500.0
