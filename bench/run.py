@@ -1,0 +1,652 @@
+"""The benchmark: `hiddenstate serve` against the hand-written baseline, on a real broker.
+
+    python bench/run.py                      # what `make bench` runs
+    python bench/run.py --runs 1 --quick     # a smoke run of a few minutes
+
+Subjects (`--subject LABEL:KIND[:TREE]`, repeatable; default: baseline,
+kafka-python, confluent):
+
+- `baseline`: bench/baseline.py, the per-event consumer a user would write
+  (kafka-python, PyTorch, one forward call and one produce per event);
+- `kafka-python` / `confluent`: the real CLI, `python -m pipeline.cli serve
+  --transport ...`, at-least-once, changelog on, defaults otherwise;
+- TREE (optional): run `pipeline` from another source tree (a `git archive`
+  of an older commit), to measure a change before and after in one run.
+
+Every subject runs as a subprocess; the load generator and the reader use
+librdkafka (bench/load.py) for every subject alike. Per run and subject:
+
+1. **Capacity**: a shared backlog of `--backlog` events over `--streams`
+   streams is served from its start (a fresh consumer group, output and
+   changelog topic each time); after `--warmup` seconds of serving, the
+   predictions read back during `--capacity-seconds` give the sustained
+   throughput, and the server's CPU seconds (utime + stime from
+   /proc/PID/stat, all threads) over the same window give CPU per 1,000
+   events. Peak RSS is the process's VmHWM.
+2. **Latency sweep**: a fresh topic; the subject is started and waits in
+   its group; then a paced load rises through `--sweep` fractions of the
+   subject's median capacity (measured in step 1 of this invocation), each
+   stage `--stage-seconds` long. End-to-end latency is measured **at a
+   reader**: the time a prediction was fetched minus its event's `ts` (the
+   wall clock when the load generator handed the event to its producer):
+   event time -> prediction acknowledged and readable. The first second of
+   each stage is left out.
+3. **Memory per stream** (`--memory-streams`, per subject kind): a running
+   subject gets one event for each of N new streams; (RSS after - RSS
+   before) / N. For `hiddenstate serve` also the store's own gauge
+   (`hiddenstate_state_store_bytes`).
+
+Runs are interleaved (run 1 of every subject, then run 2, ...), so drift on
+the shared machine hits every subject alike; medians are reported. Writes
+JSON (every run and the medians) and a PNG plot of latency against offered
+load. Everything shares the machine's cores with the broker: read the
+numbers as "on this machine, broker included".
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import socket
+import statistics
+import subprocess
+import sys
+import time
+import urllib.request
+import uuid
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from confluent_kafka.admin import AdminClient
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from bench.load import Reader, create_topic, delete_topics, fill  # noqa: E402
+from bench.model import build  # noqa: E402
+
+PARTITIONS = 4
+
+
+@dataclass(frozen=True)
+class Subject:
+    """One thing to measure: the baseline, or `hiddenstate serve` with a transport."""
+
+    label: str
+    kind: str  # baseline | kafka-python | confluent
+    tree: Path = REPO
+
+    @classmethod
+    def parse(cls, text: str) -> Subject:
+        parts = text.split(":")
+        label = parts[0]
+        kind = parts[1] if len(parts) > 1 else label
+        if kind not in ("baseline", "kafka-python", "confluent"):
+            raise SystemExit(f"--subject {text}: kind must be baseline, kafka-python or confluent")
+        tree = Path(parts[2]).resolve() if len(parts) > 2 else REPO
+        return cls(label, kind, tree)
+
+    @property
+    def is_baseline(self) -> bool:
+        return self.kind == "baseline"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of every thread of `pid` so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def memory_kib(pid: int, field: str) -> int:
+    """A memory line of /proc/PID/status (VmRSS, VmHWM) in KiB."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise KeyError(field)
+
+
+class Running:
+    """One subject process serving `topic` into `output`."""
+
+    def __init__(
+        self,
+        subject: Subject,
+        args: argparse.Namespace,
+        topic: str,
+        output: str,
+        log: Path,
+        extra: list[str] | None = None,
+    ) -> None:
+        self.subject = subject
+        self.group = f"bench-{uuid.uuid4().hex[:8]}"
+        self.changelog = f"{topic}.{self.group}.changelog"
+        self.metrics_port = free_port()
+        if subject.is_baseline:
+            command = [
+                sys.executable,
+                str(REPO / "bench" / "baseline.py"),
+                "--model-dir",
+                str(args.model_dir),
+                "--group-id",
+                self.group,
+            ]
+        else:
+            command = [
+                sys.executable,
+                "-m",
+                "pipeline.cli",
+                "serve",
+                "--model",
+                str(args.model_dir / "model.onnx"),
+                # kafka-python is the default (and the only choice of older trees).
+                *(["--transport", subject.kind] if subject.kind != "kafka-python" else []),
+                "--group-id",
+                self.group,
+                "--changelog-topic",
+                self.changelog,
+                "--metrics-port",
+                str(self.metrics_port),
+                "--metrics-host",
+                "127.0.0.1",
+                "--max-streams",
+                str(args.max_streams),
+                *args.serve_args,
+                *(extra or []),
+            ]
+        command += [
+            "--bootstrap-servers",
+            args.bootstrap_servers,
+            "--input-topic",
+            topic,
+            "--output-topic",
+            output,
+        ]
+        env = dict(os.environ, PYTHONPATH=str(subject.tree))
+        self._log = log.open("w")
+        self.process = subprocess.Popen(
+            command, stdout=self._log, stderr=subprocess.STDOUT, cwd=subject.tree, env=env
+        )
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def check(self) -> None:
+        if self.process.poll() is not None:
+            raise RuntimeError(
+                f"{self.subject.label} exited with {self.process.returncode}; log {self._log.name}"
+            )
+
+    def wait_in_group(self, bootstrap: str, timeout: float = 90) -> None:
+        """Until the consumer group is stable with every partition assigned."""
+        admin = AdminClient({"bootstrap.servers": bootstrap})
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            self.check()
+            try:
+                group = admin.describe_consumer_groups([self.group])[self.group].result(timeout=5)
+                assigned = sum(len(m.assignment.topic_partitions) for m in group.members)
+                if str(group.state).endswith("STABLE") and assigned >= PARTITIONS:
+                    return
+            except Exception:  # the group does not exist yet
+                pass
+            time.sleep(0.25)
+        raise TimeoutError(f"{self.subject.label}: not in its group after {timeout:.0f} s")
+
+    def metric(self, name: str) -> float | None:
+        """One unlabelled sample from /metrics (hiddenstate serve only)."""
+        if self.subject.is_baseline:
+            return None
+        url = f"http://127.0.0.1:{self.metrics_port}/metrics"
+        with urllib.request.urlopen(url, timeout=5) as response:
+            for line in response.read().decode().splitlines():
+                if line.startswith(name + " "):
+                    return float(line.split()[1])
+        return None
+
+    def stop(self) -> int:
+        if self.process.poll() is None:
+            self.process.terminate()
+        try:
+            code = self.process.wait(timeout=90)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            code = self.process.wait()
+        self._log.close()
+        return code
+
+
+def wait_for(reader: Reader, count: int, running: Running, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while reader.count < count:
+        running.check()
+        if time.monotonic() > deadline:
+            raise TimeoutError(
+                f"{running.subject.label}: {reader.count} of {count} predictions after {timeout} s"
+            )
+        time.sleep(0.05)
+
+
+# --------------------------------------------------------------------------- capacity
+
+
+def capacity_run(subject: Subject, args: argparse.Namespace, backlog: str, logs: Path) -> dict:
+    bootstrap = args.bootstrap_servers
+    output = f"{backlog}.out-{uuid.uuid4().hex[:6]}"
+    create_topic(bootstrap, output, PARTITIONS)
+    reader = Reader(bootstrap, output, PARTITIONS).start()
+    running = Running(subject, args, backlog, output, logs / f"capacity-{output}.log")
+    try:
+        wait_for(reader, 1, running, timeout=120)
+        time.sleep(args.warmup)
+        count0, cpu0, t0 = reader.count, cpu_seconds(running.pid), time.monotonic()
+        time.sleep(args.capacity_seconds)
+        count1, cpu1, t1 = reader.count, cpu_seconds(running.pid), time.monotonic()
+        hwm = memory_kib(running.pid, "VmHWM")
+        if count1 >= args.backlog:
+            raise RuntimeError(f"{subject.label} drained the backlog: raise --backlog")
+    finally:
+        running.stop()
+        reader.stop()
+        delete_topics(bootstrap, [output, running.changelog])
+    events = count1 - count0
+    return {
+        "events_per_second": events / (t1 - t0),
+        "cpu_seconds_per_1000_events": (cpu1 - cpu0) / events * 1000,
+        "cpu_cores_busy": (cpu1 - cpu0) / (t1 - t0),
+        "peak_rss_mib": hwm / 1024,
+        "events_in_window": events,
+    }
+
+
+# --------------------------------------------------------------------------- latency
+
+
+def latency_sweep(
+    subject: Subject, args: argparse.Namespace, capacity: float, logs: Path
+) -> list[dict]:
+    bootstrap = args.bootstrap_servers
+    topic = f"bench-sweep-{uuid.uuid4().hex[:8]}"
+    output = f"{topic}.out"
+    create_topic(bootstrap, topic, PARTITIONS)
+    create_topic(bootstrap, output, PARTITIONS)
+    reader = Reader(bootstrap, output, PARTITIONS).start()
+    running = Running(subject, args, topic, output, logs / f"sweep-{topic}.log")
+    stages: list[dict] = []
+    try:
+        running.wait_in_group(bootstrap)
+        rates = [round(fraction * capacity) for fraction in args.sweep]
+        schedule = [[rates[0], 2.0]] + [[rate, args.stage_seconds] for rate in rates]
+        started_ms = time.time() * 1000
+        load = subprocess.run(
+            [
+                sys.executable,
+                str(REPO / "bench" / "load.py"),
+                "pace",
+                "--bootstrap-servers",
+                bootstrap,
+                "--topic",
+                topic,
+                "--streams",
+                str(args.streams),
+                "--schedule",
+                json.dumps(schedule),
+            ],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        sent = json.loads(load.stdout.strip().splitlines()[-1])["sent"]
+        wait_for(reader, sent, running, timeout=120)
+    finally:
+        running.stop()
+        reader.stop()
+        delete_topics(bootstrap, [topic, output, running.changelog])
+    arrivals = np.asarray(reader.arrivals)
+    event_times = np.asarray(reader.event_times, dtype=np.float64)
+    latency = arrivals - event_times
+    # Stage boundaries from the schedule; the load's own start-up is a few ms at most.
+    begin = started_ms
+    for i, (rate, seconds) in enumerate(schedule):
+        end = begin + seconds * 1000
+        if i > 0:  # stage 0 is the warm-up
+            mask = (event_times >= begin + 1000) & (event_times < end)
+            values = latency[mask]
+            q = np.percentile(values, [50, 95, 99]) if len(values) else [np.nan] * 3
+            stages.append(
+                {
+                    "offered_events_per_second": rate,
+                    "fraction_of_capacity": args.sweep[i - 1],
+                    "served_events_per_second": len(values) / ((end - begin - 1000) / 1000),
+                    "p50_ms": float(q[0]),
+                    "p95_ms": float(q[1]),
+                    "p99_ms": float(q[2]),
+                    "max_ms": float(values.max()) if len(values) else float("nan"),
+                }
+            )
+        begin = end
+    return stages
+
+
+# --------------------------------------------------------------------------- memory
+
+
+def memory_run(subject: Subject, args: argparse.Namespace, streams: int, logs: Path) -> dict:
+    bootstrap = args.bootstrap_servers
+    topic = f"bench-memory-{uuid.uuid4().hex[:8]}"
+    output = f"{topic}.out"
+    create_topic(bootstrap, topic, PARTITIONS)
+    create_topic(bootstrap, output, PARTITIONS)
+    reader = Reader(bootstrap, output, PARTITIONS).start()
+    running = Running(
+        subject, args, topic, output, logs / f"memory-{topic}.log", ["--max-streams", str(streams)]
+    )
+    try:
+        running.wait_in_group(bootstrap)
+        fill(bootstrap, topic, 100, 1000, first_stream=10_000_000)  # warm every code path
+        wait_for(reader, 1000, running, timeout=60)
+        time.sleep(1)
+        rss0 = memory_kib(running.pid, "VmRSS")
+        started = time.monotonic()
+        fill(bootstrap, topic, streams, streams)
+        wait_for(reader, 1000 + streams, running, timeout=1800)
+        seconds = time.monotonic() - started
+        time.sleep(1)
+        rss1 = memory_kib(running.pid, "VmRSS")
+        hwm = memory_kib(running.pid, "VmHWM")
+        store_bytes = running.metric("hiddenstate_state_store_bytes")
+        active = running.metric("hiddenstate_active_streams")
+    finally:
+        running.stop()
+        reader.stop()
+        delete_topics(bootstrap, [topic, output, running.changelog])
+    return {
+        "streams": streams,
+        "rss_before_mib": rss0 / 1024,
+        "rss_after_mib": rss1 / 1024,
+        "peak_rss_mib": hwm / 1024,
+        "rss_bytes_per_stream": (rss1 - rss0) * 1024 / streams,
+        "store_gauge_bytes_per_stream": store_bytes / active if store_bytes and active else None,
+        "active_streams": active,
+        "seconds_to_serve": seconds,
+    }
+
+
+# --------------------------------------------------------------------------- report
+
+
+def environment(args: argparse.Namespace) -> dict[str, Any]:
+    import confluent_kafka
+    import kafka
+    import onnxruntime
+
+    cpu = "unknown"
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            cpu = line.split(":", 1)[1].strip()
+            break
+    memory_gib = int(Path("/proc/meminfo").read_text().split()[1]) / 1024 / 1024
+    try:
+        import torch
+
+        torch_version = torch.__version__
+    except ImportError:
+        torch_version = None
+    return {
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
+        "machine": f"{platform.machine()}, {cpu}, {os.cpu_count()} cores, {memory_gib:.0f} GiB",
+        "python": platform.python_version(),
+        "kafka-python": kafka.__version__,
+        "confluent-kafka": confluent_kafka.version()[0],
+        "librdkafka": confluent_kafka.libversion()[0],
+        "onnxruntime": onnxruntime.__version__,
+        "torch": torch_version,
+        "broker": args.bootstrap_servers,
+        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+    }
+
+
+def median(values: list[float]) -> float:
+    finite = [v for v in values if v == v]
+    return statistics.median(finite) if finite else float("nan")
+
+
+def summarise(results: dict[str, Any], subjects: list[Subject]) -> dict[str, Any]:
+    summary: dict[str, Any] = {}
+    for subject in subjects:
+        runs = results["capacity"][subject.label]
+        row: dict[str, Any] = {
+            key: median([r[key] for r in runs])
+            for key in (
+                "events_per_second",
+                "cpu_seconds_per_1000_events",
+                "cpu_cores_busy",
+                "peak_rss_mib",
+            )
+        }
+        row["events_per_second_runs"] = [round(r["events_per_second"]) for r in runs]
+        sweeps = results["latency"].get(subject.label, [])
+        stages: list[dict[str, Any]] = []
+        for i, fraction in enumerate(results["sweep_fractions"]):
+            at = [sweep[i] for sweep in sweeps if i < len(sweep)]
+            if at:
+                stages.append(
+                    {
+                        "fraction_of_capacity": fraction,
+                        **{
+                            key: median([s[key] for s in at])
+                            for key in (
+                                "offered_events_per_second",
+                                "served_events_per_second",
+                                "p50_ms",
+                                "p95_ms",
+                                "p99_ms",
+                            )
+                        },
+                    }
+                )
+        row["latency"] = stages
+        memory = results["memory"].get(subject.label)
+        if memory:
+            row["memory"] = memory
+        summary[subject.label] = row
+    base = next((s for s in subjects if s.is_baseline), None)
+    if base is not None:
+        base_row = summary[base.label]
+        half = _at_fraction(base_row["latency"], 0.5)
+        for subject in subjects:
+            row = summary[subject.label]
+            row["throughput_vs_baseline"] = row["events_per_second"] / base_row["events_per_second"]
+            mine = _at_fraction(row["latency"], 0.5)
+            if half and mine:
+                row["p99_at_half_capacity_vs_baseline"] = mine["p99_ms"] / half["p99_ms"]
+    return summary
+
+
+def _at_fraction(stages: list[dict[str, Any]], fraction: float) -> dict[str, Any] | None:
+    return next((s for s in stages if abs(s["fraction_of_capacity"] - fraction) < 1e-9), None)
+
+
+def plot(summary: dict[str, Any], results: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 5), dpi=120)
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for color, (label, row) in zip(colors, summary.items(), strict=False):
+        stages = row["latency"]
+        if not stages:
+            continue
+        x = [s["offered_events_per_second"] for s in stages]
+        ax.plot(x, [s["p99_ms"] for s in stages], "o-", color=color, label=f"{label} p99")
+        ax.plot(
+            x, [s["p50_ms"] for s in stages], "s--", color=color, alpha=0.6, label=f"{label} p50"
+        )
+        ax.axvline(row["events_per_second"], color=color, linestyle=":", alpha=0.7)
+    ax.axhline(20, color="grey", linewidth=0.8)
+    ax.text(ax.get_xlim()[0] if False else 1, 21, "20 ms", color="grey", fontsize=8)
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("offered load (events/s); dotted: capacity (backlog drain)")
+    ax.set_ylabel("end-to-end latency at a reader (ms)")
+    env = results["environment"]
+    ax.set_title(
+        f"GRU 64x1, 8 features, JSON, at-least-once, {results['streams']:,} streams\n"
+        f"{env['machine']}, broker on the same cores; medians of {results['runs']} runs",
+        fontsize=9,
+    )
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+
+
+def print_table(summary: dict[str, Any]) -> None:
+    print(
+        f"\n{'subject':<16}{'events/s':>10}{'x base':>8}{'CPU s/1k':>10}{'RSS MiB':>9}"
+        f"{'p50@.5':>9}{'p95@.5':>9}{'p99@.5':>9}"
+    )
+    for label, row in summary.items():
+        half = _at_fraction(row["latency"], 0.5) or {}
+        print(
+            f"{label:<16}{row['events_per_second']:>10,.0f}"
+            f"{row.get('throughput_vs_baseline', float('nan')):>8.1f}"
+            f"{row['cpu_seconds_per_1000_events']:>10.3f}{row['peak_rss_mib']:>9.0f}"
+            f"{half.get('p50_ms', float('nan')):>9.1f}{half.get('p95_ms', float('nan')):>9.1f}"
+            f"{half.get('p99_ms', float('nan')):>9.1f}"
+        )
+        if "memory" in row:
+            m = row["memory"]
+            gauge = m["store_gauge_bytes_per_stream"]
+            print(
+                f"{'':<16}memory: {m['streams']:,} streams, {m['rss_bytes_per_stream']:.0f} B/stream "
+                f"(RSS), store gauge {gauge if gauge is None else round(gauge)} B/stream, "
+                f"peak RSS {m['peak_rss_mib']:.0f} MiB"
+            )
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--bootstrap-servers", default="127.0.0.1:9092")
+    parser.add_argument("--subject", action="append", dest="subjects", default=[])
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--streams", type=int, default=10_000)
+    parser.add_argument("--backlog", type=int, default=1_500_000)
+    parser.add_argument("--warmup", type=float, default=3.0)
+    parser.add_argument("--capacity-seconds", type=float, default=12.0)
+    parser.add_argument(
+        "--sweep", default="0.1,0.25,0.5,0.75,0.9", help="fractions of capacity, rising"
+    )
+    parser.add_argument("--stage-seconds", type=float, default=8.0)
+    parser.add_argument("--no-sweep", action="store_true", help="capacity only")
+    parser.add_argument(
+        "--memory-streams",
+        default="baseline=100000,kafka-python=1000000,confluent=1000000",
+        help="KIND=N streams for the memory run ('' to skip)",
+    )
+    parser.add_argument("--max-streams", type=int, default=100_000)
+    parser.add_argument("--quick", action="store_true", help="short stages, small backlog")
+    parser.add_argument("--model-dir", type=Path, default=REPO / "artifacts/bench/model")
+    parser.add_argument("--out", type=Path, default=REPO / "artifacts/bench/bench.json")
+    parser.add_argument("--plot", type=Path, default=REPO / "artifacts/bench/latency.png")
+    parser.add_argument(
+        "--serve-args", default="", help="extra `hiddenstate serve` flags, one string"
+    )
+    args = parser.parse_args()
+    args.sweep = [float(f) for f in args.sweep.split(",")]
+    args.serve_args = args.serve_args.split()
+    if args.quick:
+        args.backlog, args.capacity_seconds, args.stage_seconds = 600_000, 6.0, 4.0
+        args.memory_streams = ""
+    subjects = [
+        Subject.parse(s) for s in args.subjects or ["baseline", "kafka-python", "confluent"]
+    ]
+    memory_streams = dict(
+        (kind, int(n))
+        for kind, n in (item.split("=") for item in args.memory_streams.split(",") if item)
+    )
+    build(args.model_dir)
+    logs = args.out.parent / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    bootstrap = args.bootstrap_servers
+
+    results: dict[str, Any] = {
+        "benchmark": "hiddenstate serve vs a hand-written per-event consumer",
+        "model": "GRU, 1 layer, 64 hidden, 8 features -> 8 forecasts (bench/model.py)",
+        "guarantee": "at-least-once",
+        "environment": environment(args),
+        "streams": args.streams,
+        "partitions": PARTITIONS,
+        "runs": args.runs,
+        "backlog": args.backlog,
+        "capacity_seconds": args.capacity_seconds,
+        "sweep_fractions": args.sweep,
+        "stage_seconds": args.stage_seconds,
+        "latency_measured_at": "a reader: fetch time - event ts (event time -> prediction readable)",
+        "subjects": {s.label: {"kind": s.kind, "tree": str(s.tree)} for s in subjects},
+        "capacity": {s.label: [] for s in subjects},
+        "latency": {s.label: [] for s in subjects},
+        "memory": {},
+    }
+    backlog = f"bench-backlog-{uuid.uuid4().hex[:8]}"
+    create_topic(bootstrap, backlog, PARTITIONS)
+    try:
+        seconds = fill(bootstrap, backlog, args.streams, args.backlog)
+        print(f"backlog: {args.backlog:,} events over {args.streams:,} streams in {seconds:.1f} s")
+        for run in range(args.runs):
+            for subject in subjects:
+                row = capacity_run(subject, args, backlog, logs)
+                results["capacity"][subject.label].append(row)
+                print(
+                    f"run {run + 1} capacity {subject.label}: {row['events_per_second']:,.0f} events/s, "
+                    f"{row['cpu_seconds_per_1000_events']:.3f} CPU s/1k, {row['peak_rss_mib']:.0f} MiB"
+                )
+    finally:
+        delete_topics(bootstrap, [backlog])
+    capacity = {
+        s.label: median([r["events_per_second"] for r in results["capacity"][s.label]])
+        for s in subjects
+    }
+    if not args.no_sweep:
+        for run in range(args.runs):
+            for subject in subjects:
+                stages = latency_sweep(subject, args, capacity[subject.label], logs)
+                results["latency"][subject.label].append(stages)
+                print(
+                    f"run {run + 1} latency {subject.label}: "
+                    + ", ".join(
+                        f"{s['offered_events_per_second']}/s p99 {s['p99_ms']:.1f} ms"
+                        for s in stages
+                    )
+                )
+    for subject in subjects:
+        streams = memory_streams.get(subject.kind)
+        if streams:
+            results["memory"][subject.label] = memory_run(subject, args, streams, logs)
+            print(f"memory {subject.label}: {results['memory'][subject.label]}")
+    results["summary"] = summarise(results, subjects)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(results, indent=2) + "\n")
+    if not args.no_sweep:
+        plot(results["summary"], results, args.plot)
+    print_table(results["summary"])
+    print(f"\n-> {args.out}" + ("" if args.no_sweep else f", {args.plot}"))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
