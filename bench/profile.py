@@ -79,7 +79,7 @@ _RULES: list[tuple[str, str, str]] = [
 
 def classify(stack: list[str], thread: str) -> str:
     """The stage of one sample: its thread for the client's threads, else its frames."""
-    if not thread.startswith("MainThread") and "kafka" in thread.lower():
+    if "MainThread" not in thread and "kafka" in thread.lower():
         return "client threads"
     for frame in reversed(stack):
         function, _, where = frame.partition(" (")
@@ -89,7 +89,7 @@ def classify(stack: list[str], thread: str) -> str:
             if where.startswith(path) and mark in function:
                 return stage
         return "other"
-    return "client threads" if not thread.startswith("MainThread") else "other"
+    return "other" if "MainThread" in thread else "client threads"
 
 
 def summarise(raw: Path, top: int) -> dict:
