@@ -27,9 +27,11 @@ TOKEN_SPEC = random_weights("gru", task="next_token", vocabulary=["x", "y", "z"]
 
 @pytest.fixture(autouse=True, params=["orjson", "stdlib"])
 def json_parser(request, monkeypatch):
-    """Every codec test runs with each JSON parser: the results must not depend on it."""
+    """Every codec test runs with orjson and with the standard library's JSON (and `%`
+    number formats): the results must not depend on which is installed."""
     if request.param == "stdlib":
         monkeypatch.setattr(codec, "FAST_JSON", None)
+        monkeypatch.setattr(codec, "FAST_JSON_NUMPY", None)
     elif codec.FAST_JSON is None:
         pytest.skip("orjson (the `fast` extra) is not installed")
     return request.param
