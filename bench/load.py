@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import threading
 import time
@@ -112,7 +113,7 @@ def pace(bootstrap: str, topic: str, streams: int, schedule: list[tuple[float, f
     Every millisecond or so, the events due by now are sent, each stamped
     with the current wall-clock milliseconds as `ts`."""
     pool = _feature_pool()
-    producer = _producer(bootstrap, 1)
+    producer = _producer(bootstrap, float(os.environ.get("BENCH_LINGER_MS", "5")))
     sent = 0
     for rate, seconds in schedule:
         started = time.monotonic()
@@ -151,6 +152,9 @@ class Reader:
     marker: bytes = b'"event_time_ms":'  # b'"ts":' reads events instead of predictions
     arrivals: list[float] = field(default_factory=list)
     event_times: list[int] = field(default_factory=list)
+    # The record's own timestamp: for a prediction, when the server handed it to its
+    # producer (CreateTime), which splits the latency into before and after that.
+    produced: list[int] = field(default_factory=list)
     _stop: threading.Event = field(default_factory=threading.Event)
     _thread: threading.Thread | None = None
 
@@ -195,10 +199,12 @@ class Reader:
                     messages = [first, *consumer.consume(9_999, 0)]
                 now_ms = time.time() * 1000
                 times = []
+                produced = []
                 for message in messages:
                     value = message.value()
                     if value is None:
                         continue
+                    produced.append(message.timestamp()[1])
                     start = value.find(find) + skip
                     while value[start] == 32:  # json.dumps writes a space after the colon
                         start += 1
@@ -207,6 +213,7 @@ class Reader:
                         end += 1
                     times.append(int(value[start:end]))
                 self.event_times += times
+                self.produced += produced
                 self.arrivals += [now_ms] * len(times)
         finally:
             consumer.close()

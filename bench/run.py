@@ -80,16 +80,19 @@ class Subject:
     label: str
     kind: str  # baseline | kafka-python | confluent
     tree: Path = REPO
+    flags: tuple[str, ...] = ()  # extra `hiddenstate serve` flags of this subject
 
     @classmethod
     def parse(cls, text: str) -> Subject:
-        parts = text.split(":")
+        """`LABEL[:KIND[:TREE[:FLAGS]]]`, e.g. `ckpt0:confluent::--checkpoint-interval-events 0`."""
+        parts = text.split(":", 3)
         label = parts[0]
         kind = parts[1] if len(parts) > 1 else label
         if kind not in ("baseline", "kafka-python", "confluent"):
             raise SystemExit(f"--subject {text}: kind must be baseline, kafka-python or confluent")
-        tree = Path(parts[2]).resolve() if len(parts) > 2 else REPO
-        return cls(label, kind, tree)
+        tree = Path(parts[2]).resolve() if len(parts) > 2 and parts[2] else REPO
+        flags = tuple(parts[3].split()) if len(parts) > 3 else ()
+        return cls(label, kind, tree, flags)
 
     @property
     def is_baseline(self) -> bool:
@@ -162,6 +165,7 @@ class Running:
                 "--max-streams",
                 str(args.max_streams),
                 *args.serve_args,
+                *subject.flags,
                 *(extra or []),
             ]
         command += [
@@ -427,7 +431,7 @@ def summarise(results: dict[str, Any], subjects: list[Subject]) -> dict[str, Any
     for subject in subjects:
         runs = results["capacity"][subject.label]
         row: dict[str, Any] = {
-            key: median([r[key] for r in runs])
+            key: median([r.get(key, float("nan")) for r in runs])
             for key in (
                 "events_per_second",
                 "cpu_seconds_per_1000_events",
@@ -554,6 +558,12 @@ def main() -> int:
     parser.add_argument("--stage-seconds", type=float, default=8.0)
     parser.add_argument("--no-sweep", action="store_true", help="capacity only")
     parser.add_argument(
+        "--capacity",
+        action="append",
+        default=[],
+        help="LABEL=EVENTS_PER_S: use this capacity for the sweep instead of measuring it",
+    )
+    parser.add_argument(
         "--memory-streams",
         default="baseline=100000,kafka-python=1000000,confluent=1000000",
         help="KIND=N streams for the memory run ('' to skip)",
@@ -570,7 +580,7 @@ def main() -> int:
     args.sweep = [float(f) for f in args.sweep.split(",")]
     args.serve_args = args.serve_args.split()
     if args.quick:
-        args.backlog, args.capacity_seconds, args.stage_seconds = 600_000, 6.0, 4.0
+        args.backlog, args.capacity_seconds, args.stage_seconds = 1_200_000, 6.0, 4.0
         args.memory_streams = ""
     subjects = [
         Subject.parse(s) for s in args.subjects or ["baseline", "kafka-python", "confluent"]
@@ -597,18 +607,23 @@ def main() -> int:
         "sweep_fractions": args.sweep,
         "stage_seconds": args.stage_seconds,
         "latency_measured_at": "a reader: fetch time - event ts (event time -> prediction readable)",
-        "subjects": {s.label: {"kind": s.kind, "tree": str(s.tree)} for s in subjects},
+        "subjects": {
+            s.label: {"kind": s.kind, "tree": str(s.tree), "flags": list(s.flags)} for s in subjects
+        },
         "capacity": {s.label: [] for s in subjects},
         "latency": {s.label: [] for s in subjects},
         "memory": {},
     }
+    given = dict(item.split("=") for item in args.capacity)
+    measured = [s for s in subjects if s.label not in given]
     backlog = f"bench-backlog-{uuid.uuid4().hex[:8]}"
     create_topic(bootstrap, backlog, PARTITIONS)
     try:
-        seconds = fill(bootstrap, backlog, args.streams, args.backlog)
-        print(f"backlog: {args.backlog:,} events over {args.streams:,} streams in {seconds:.1f} s")
+        if measured:
+            seconds = fill(bootstrap, backlog, args.streams, args.backlog)
+            print(f"backlog: {args.backlog:,} events, {args.streams:,} streams, {seconds:.1f} s")
         for run in range(args.runs):
-            for subject in subjects:
+            for subject in measured:
                 row = capacity_run(subject, args, backlog, logs)
                 results["capacity"][subject.label].append(row)
                 print(
@@ -618,9 +633,15 @@ def main() -> int:
     finally:
         delete_topics(bootstrap, [backlog])
     capacity = {
-        s.label: median([r["events_per_second"] for r in results["capacity"][s.label]])
+        s.label: float(given[s.label])
+        if s.label in given
+        else median([r["events_per_second"] for r in results["capacity"][s.label]])
         for s in subjects
     }
+    for label, events_per_second in given.items():
+        results["capacity"][label] = [
+            {"events_per_second": float(events_per_second), "given": True}
+        ]
     if not args.no_sweep:
         for run in range(args.runs):
             for subject in subjects:

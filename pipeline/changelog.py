@@ -200,13 +200,18 @@ class Changelog:
         """Queue snapshots of the streams changed since the last call, and tombstones
         of those evicted, on `sink`, each to its input partition. Returns how many."""
         rows = self._store.drain_dirty_rows()
-        send, topic = sink.send, self.topic
+        topic = self.topic
         values = self._codec.encode_many(rows)
-        for key, value, partition in zip(rows.keys, values, rows.partitions.tolist(), strict=True):
-            send(OutputRecord(topic, key, value, (), partition))
+        sink.send(
+            [
+                OutputRecord(topic, key, value, (), partition)
+                for key, value, partition in zip(
+                    rows.keys, values, rows.partitions.tolist(), strict=True
+                )
+            ]
+        )
         tombstones = self._store.drain_tombstones()
-        for key, partition in tombstones:
-            send(OutputRecord(topic, key, None, (), partition))
+        sink.send([OutputRecord(topic, key, None, (), partition) for key, partition in tombstones])
         self._metrics.snapshots_written.labels("state").inc(len(values))
         self._metrics.snapshots_written.labels("tombstone").inc(len(tombstones))
         return len(values) + len(tombstones)

@@ -45,6 +45,10 @@ class LoopSettings:
     # liveness heartbeat and waits again (the producer's own delivery timeout
     # decides when a record is given up).
     flush_wait_s: float = 5.0
+    # Consumer lag is read at most this often: a gauge scraped every few
+    # seconds gains nothing from a reading per poll, which costs a client call
+    # and a labelled gauge update per partition.
+    lag_interval_s: float = 1.0
 
 
 class BatchProcessor(Protocol):
@@ -98,6 +102,7 @@ class ServeLoop:
         self._pending_offsets: dict[tuple[str, int], int] = {}
         self._events_since_checkpoint = 0
         self._last_checkpoint = clock()
+        self._last_lag = float("-inf")
         self._in_transaction = False
         # Exactly-once: event times of predictions that become visible at the next commit.
         self._uncommitted_event_times: list[int] = []
@@ -131,8 +136,7 @@ class ServeLoop:
             self._begin_transaction_if_needed()
         result = self._processor.process(records)
         if records:
-            for output in result.outputs:
-                self._sink.send(output)
+            self._sink.send(result.outputs)
             if self._settings.exactly_once:
                 self._uncommitted_event_times += result.event_times_ms
             else:
@@ -140,8 +144,11 @@ class ServeLoop:
                 self._metrics.observe_end_to_end(result.event_times_ms, self._clock())
             self._pending_offsets.update(result.next_offsets)
             self._events_since_checkpoint += len(records)
-        for partition, lag in self._source.lag().items():
-            self._metrics.set_lag(partition, lag)
+        now = self._clock()
+        if now - self._last_lag >= self._settings.lag_interval_s:
+            self._last_lag = now
+            for partition, lag in self._source.lag().items():
+                self._metrics.set_lag(partition, lag)
         if self._checkpoint_due():
             self._checkpoint()
 

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import importlib.util
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Protocol
 
 from kafka import KafkaAdminClient
@@ -78,8 +78,9 @@ class Source(Protocol):
 class Sink(Protocol):
     """The output side: predictions, dead letters and snapshots."""
 
-    def send(self, record: OutputRecord) -> None:
-        """Queue one record; a failure surfaces in the next `flush`."""
+    def send(self, records: Sequence[OutputRecord]) -> None:
+        """Queue records, in order; a failure surfaces in the next `flush`. A whole batch
+        per call: the per-record work stays in one tight loop inside the sink."""
 
     def flush(self, timeout_s: float) -> None:
         """Wait until every queued record is acknowledged. `FlushTimeoutError` if some are not

@@ -202,16 +202,12 @@ class KafkaSink:
         if transactional_id is not None:
             self._producer.init_transactions()
 
-    def send(self, record: OutputRecord) -> None:
-        self._pending.append(
-            self._producer.send(
-                record.topic,
-                key=record.key,
-                value=record.value,
-                headers=list(record.headers),
-                partition=record.partition,
+    def send(self, records: Sequence[OutputRecord]) -> None:
+        send, pending = self._producer.send, self._pending
+        for topic, key, value, headers, partition in records:
+            pending.append(
+                send(topic, key=key, value=value, headers=list(headers), partition=partition)
             )
-        )
 
     def flush(self, timeout_s: float) -> None:
         try:

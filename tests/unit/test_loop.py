@@ -72,8 +72,9 @@ class FakeSink:
     def __init__(self, journal: Journal) -> None:
         self.journal = journal
 
-    def send(self, record: OutputRecord) -> None:
-        self.journal.add("send", record.topic)
+    def send(self, records) -> None:
+        for record in records:
+            self.journal.add("send", record.topic)
 
     def flush(self, timeout_s: float) -> None:
         self.journal.add("flush")
@@ -97,8 +98,7 @@ class FakeCheckpointer:
 
     def write_changes(self, sink) -> int:
         changed = self.store.drain_dirty()
-        for _ in changed:
-            sink.send(OutputRecord("changelog", b"k", b"v"))
+        sink.send([OutputRecord("changelog", b"k", b"v") for _ in changed])
         return len(changed)
 
     def restore(self, partitions: list[int]) -> None:
