@@ -107,14 +107,20 @@ def fill(bootstrap: str, topic: str, streams: int, count: int, first_stream: int
     return time.perf_counter() - started
 
 
-def pace(bootstrap: str, topic: str, streams: int, schedule: list[tuple[float, float]]) -> int:
-    """Send at each (rate events/s, seconds) of `schedule` in turn; returns events sent.
+def pace(
+    bootstrap: str, topic: str, streams: int, schedule: list[tuple[float, float]]
+) -> tuple[int, float]:
+    """Send at each (rate events/s, seconds) of `schedule` in turn; returns the events
+    sent and the wall-clock ms when the first stage began.
 
     Every millisecond or so, the events due by now are sent, each stamped
-    with the current wall-clock milliseconds as `ts`."""
+    with the current wall-clock milliseconds as `ts`. The producer lingers
+    5 ms, librdkafka's default, as a typical producer would
+    (`BENCH_LINGER_MS` changes it)."""
     pool = _feature_pool()
     producer = _producer(bootstrap, float(os.environ.get("BENCH_LINGER_MS", "5")))
     sent = 0
+    began = time.time() * 1000
     for rate, seconds in schedule:
         started = time.monotonic()
         stage_sent = 0
@@ -136,7 +142,7 @@ def pace(bootstrap: str, topic: str, streams: int, schedule: list[tuple[float, f
             producer.poll(0)
             time.sleep(0.001)
     producer.flush(60)
-    return sent
+    return sent, began
 
 
 @dataclass
@@ -230,12 +236,14 @@ def main() -> int:
     )
     parser.add_argument("--count", type=int, default=0, help="fill: events")
     args = parser.parse_args()
+    began = time.time() * 1000
     if args.command == "pace":
-        sent = pace(args.bootstrap_servers, args.topic, args.streams, json.loads(args.schedule))
+        schedule = json.loads(args.schedule)
+        sent, began = pace(args.bootstrap_servers, args.topic, args.streams, schedule)
     else:
         fill(args.bootstrap_servers, args.topic, args.streams, args.count)
         sent = args.count
-    print(json.dumps({"sent": sent}))
+    print(json.dumps({"sent": sent, "started_ms": began}))
     return 0
 
 

@@ -1,31 +1,34 @@
 """Where each event's time goes in `hiddenstate serve`: a sampling profile, summarised.
 
 Fills a backlog, serves it with the real CLI in a subprocess, and samples
-every thread of the server with py-spy (`--nonblocking`, 250 Hz) while it
+the server's Python threads with py-spy (`--nonblocking`, 250 Hz) while it
 drains; then sorts the samples into the stages of one event:
 
-    consume/parse   the Kafka client reading and parsing fetched records
-    records         turning client records into InputRecord
+    consume/parse   the Kafka client fetching and parsing records, InputRecords
     decode          JSON parse and validation (EventDecoder)
     replay guard    StateStore.already_applied
     waves           plan_waves and the per-wave lists
     state store     acquire, gather, scatter, steps
     onnxruntime     OrtStepModel.step
     encode          PredictionEncoder
-    produce         handing predictions to the Kafka client, its futures
+    produce         handing predictions to the Kafka client
+    changelog       snapshots encoded and handed to the client at checkpoints
     flush/commit    waiting for acknowledgements, committing offsets
-    changelog       snapshots written at checkpoints
-    metrics         histograms and counters
-    client threads  kafka-python's own IO and sender threads (Python work
-                    in other threads, competing for the GIL)
+    metrics, lag    histograms and counters; consumer lag
+    client threads  kafka-python's own IO and sender threads (Python code in
+                    other threads, holding the GIL)
 
     python bench/profile.py --transport kafka-python --seconds 15
+    python bench/profile.py --baseline            # bench/baseline.py instead
 
-A sample counts for the innermost frame that matches a stage, so numpy
-called by the encoder counts as encode. Idle samples (threads blocked in
-select or a condition wait) are left out; the percentages are of busy samples.
-Prints the table (and `--top N` hottest functions) and writes JSON and the
-raw collapsed stacks under artifacts/bench/.
+A sample counts for its innermost frame in `pipeline/` (what the client,
+numpy or json do on behalf of a pipeline call counts for that call), except
+that anything under `Changelog.write_changes` counts as changelog. Idle
+samples (threads blocked in select or a condition wait) are left out; the
+percentages are of busy samples. py-spy sees Python threads only: librdkafka's
+own threads (confluent transport) and onnxruntime's are native, so the process
+CPU per event from /proc is printed beside the table. Writes JSON and the raw
+collapsed stacks under artifacts/bench/profile/.
 """
 
 from __future__ import annotations
@@ -45,6 +48,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.load import Reader, create_topic, delete_topics, fill
 from bench.model import build
+from bench.run import cpu_seconds
 
 # The stage of a sample is decided by its innermost frame in `pipeline/`: the
 # client's own functions count for the pipeline call that led into them (a
@@ -62,7 +66,7 @@ _RULES: list[tuple[str, str, str]] = [
     ("pipeline/processor.py", "_without_replays", "replay guard"),
     ("pipeline/processor.py", "_step_wave", "waves"),
     ("pipeline/processor.py", "", "processor (other)"),
-    ("pipeline/records.py", "", "records"),
+    ("pipeline/records.py", "", "consume/parse"),
     ("pipeline/metrics.py", "", "metrics"),
     ("pipeline/changelog.py", "", "changelog"),
     ("pipeline/transport", ".send", "produce"),
@@ -77,10 +81,36 @@ _RULES: list[tuple[str, str, str]] = [
 ]
 
 
+# The baseline (bench/baseline.py) has no pipeline frames: its stages are the
+# libraries its innermost frames belong to.
+_BASELINE_RULES: list[tuple[str, str]] = [
+    ("torch/", "torch forward"),
+    ("export/", "torch forward"),
+    ("json/", "json"),
+    ("kafka/producer", "produce"),
+    ("kafka/record", "consume/parse"),
+    ("kafka/consumer", "consume/parse"),
+    ("kafka/", "client (other)"),
+]
+
+
+def classify_baseline(stack: list[str], thread: str) -> str:
+    if "MainThread" not in thread:
+        return "client threads"
+    for frame in reversed(stack):
+        where = frame.partition(" (")[2]
+        for path, stage in _BASELINE_RULES:
+            if where.startswith(path):
+                return stage
+    return "loop (other)"
+
+
 def classify(stack: list[str], thread: str) -> str:
     """The stage of one sample: its thread for the client's threads, else its frames."""
     if "MainThread" not in thread and "kafka" in thread.lower():
         return "client threads"
+    if any("Changelog.write_changes" in frame for frame in stack):
+        return "changelog"
     for frame in reversed(stack):
         function, _, where = frame.partition(" (")
         if not where.startswith("pipeline/"):
@@ -92,7 +122,7 @@ def classify(stack: list[str], thread: str) -> str:
     return "other" if "MainThread" in thread else "client threads"
 
 
-def summarise(raw: Path, top: int) -> dict:
+def summarise(raw: Path, top: int, baseline: bool = False) -> dict:
     stages: collections.Counter[str] = collections.Counter()
     functions: collections.Counter[str] = collections.Counter()
     total = 0
@@ -107,7 +137,7 @@ def summarise(raw: Path, top: int) -> dict:
             idle in stack[-1] for idle in ("select (", "wait (", "sleep (", "_poll_once (")
         ):
             continue  # a blocked thread, not work
-        stages[classify(stack, thread)] += count
+        stages[(classify_baseline if baseline else classify)(stack, thread)] += count
         functions[stack[-1]] += count
         total += count
     return {
@@ -123,6 +153,9 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--bootstrap-servers", default="127.0.0.1:9092")
     parser.add_argument("--transport", help="serve's --transport (default: serve's default)")
+    parser.add_argument(
+        "--baseline", action="store_true", help="profile bench/baseline.py instead of serve"
+    )
     parser.add_argument("--streams", type=int, default=10_000)
     parser.add_argument("--events", type=int, default=1_000_000)
     parser.add_argument("--seconds", type=float, default=15.0)
@@ -140,29 +173,29 @@ def main() -> int:
     create_topic(bootstrap, f"{topic}.out", 4)
     fill(bootstrap, topic, args.streams, args.events)
     args.out.mkdir(parents=True, exist_ok=True)
-    name = f"{args.transport or 'default'}-{time.strftime('%Y%m%d-%H%M%S')}"
+    label = "baseline" if args.baseline else args.transport or "default"
+    name = f"{label}-{time.strftime('%Y%m%d-%H%M%S')}"
     raw = args.out / f"{name}.txt"
     reader = Reader(bootstrap, f"{topic}.out", 4).start()
     with (args.out / f"{name}.serve.log").open("w") as log:
-        server = subprocess.Popen(
-            [
+        if args.baseline:
+            command = [sys.executable, "bench/baseline.py", "--model-dir", str(args.model_dir)]
+        else:
+            command = [
                 sys.executable,
                 "-m",
                 "pipeline.cli",
                 "serve",
                 "--model",
                 str(model),
-                "--bootstrap-servers",
-                bootstrap,
-                "--input-topic",
-                topic,
-                "--output-topic",
-                f"{topic}.out",
                 "--metrics-port",
                 "0",
                 *(["--transport", args.transport] if args.transport else []),
                 *args.serve_args,
-            ],
+            ]
+        command += ["--bootstrap-servers", bootstrap, "--input-topic", topic]
+        server = subprocess.Popen(
+            [*command, "--output-topic", f"{topic}.out"],
             stdout=log,
             stderr=subprocess.STDOUT,
         )
@@ -173,6 +206,7 @@ def main() -> int:
                 time.sleep(0.05)
             time.sleep(2)  # past start-up
             first = reader.count
+            cpu_before = cpu_seconds(server.pid)
             subprocess.run(
                 [
                     py_spy,
@@ -194,21 +228,24 @@ def main() -> int:
                 capture_output=True,
             )
             served = reader.count - first
+            cpu = cpu_seconds(server.pid) - cpu_before
         finally:
             server.terminate()
             server.wait(timeout=60)
             reader.stop()
             delete_topics(bootstrap, [topic, f"{topic}.out"])
     summary = {
-        "transport": args.transport,
+        "subject": label,
         "serve_args": args.serve_args,
         "events_per_second_while_sampled": round(served / args.seconds),
-        **summarise(raw, args.top),
+        "cpu_us_per_event_while_sampled": round(cpu / max(served, 1) * 1e6, 1),
+        **summarise(raw, args.top, baseline=args.baseline),
     }
     (args.out / f"{name}.json").write_text(json.dumps(summary, indent=2) + "\n")
     print(
-        f"{args.transport}: {summary['events_per_second_while_sampled']} events/s while sampled "
-        f"(py-spy costs a little); {summary['busy_samples']} busy samples"
+        f"{label}: {summary['events_per_second_while_sampled']} events/s and "
+        f"{summary['cpu_us_per_event_while_sampled']} us CPU/event while sampled (py-spy "
+        f"costs a little); {summary['busy_samples']} busy samples of Python threads"
     )
     print(f"{'stage':<20}{'% of busy samples':>18}")
     for stage, percent in summary["stages_percent"].items():

@@ -53,6 +53,7 @@ import socket
 import statistics
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 import uuid
@@ -71,6 +72,17 @@ from bench.load import Reader, create_topic, delete_topics, fill  # noqa: E402
 from bench.model import build  # noqa: E402
 
 PARTITIONS = 4
+# Topics are deleted when the whole benchmark ends, not after each run: the broker
+# deletes their segment files a minute later, and that disk work would land in the
+# middle of a later measurement.
+_USED_TOPICS: list[str] = []
+
+
+def used(*topics: str) -> None:
+    _USED_TOPICS.extend(topics)
+
+
+KINDS = ("baseline", "kafka-python", "confluent", "floor")
 
 
 @dataclass(frozen=True)
@@ -78,7 +90,7 @@ class Subject:
     """One thing to measure: the baseline, or `hiddenstate serve` with a transport."""
 
     label: str
-    kind: str  # baseline | kafka-python | confluent
+    kind: str  # one of KINDS; "floor": no server, the reader reads the events themselves
     tree: Path = REPO
     flags: tuple[str, ...] = ()  # extra `hiddenstate serve` flags of this subject
 
@@ -88,8 +100,8 @@ class Subject:
         parts = text.split(":", 3)
         label = parts[0]
         kind = parts[1] if len(parts) > 1 else label
-        if kind not in ("baseline", "kafka-python", "confluent"):
-            raise SystemExit(f"--subject {text}: kind must be baseline, kafka-python or confluent")
+        if kind not in KINDS:
+            raise SystemExit(f"--subject {text}: kind must be one of {', '.join(KINDS)}")
         tree = Path(parts[2]).resolve() if len(parts) > 2 and parts[2] else REPO
         flags = tuple(parts[3].split()) if len(parts) > 3 else ()
         return cls(label, kind, tree, flags)
@@ -97,6 +109,10 @@ class Subject:
     @property
     def is_baseline(self) -> bool:
         return self.kind == "baseline"
+
+    @property
+    def is_floor(self) -> bool:
+        return self.kind == "floor"
 
 
 def free_port() -> int:
@@ -263,7 +279,7 @@ def capacity_run(subject: Subject, args: argparse.Namespace, backlog: str, logs:
     finally:
         running.stop()
         reader.stop()
-        delete_topics(bootstrap, [output, running.changelog])
+        used(output, running.changelog)
     events = count1 - count0
     return {
         "events_per_second": events / (t1 - t0),
@@ -280,19 +296,26 @@ def capacity_run(subject: Subject, args: argparse.Namespace, backlog: str, logs:
 def latency_sweep(
     subject: Subject, args: argparse.Namespace, capacity: float, logs: Path
 ) -> list[dict]:
+    """One rising-rate sweep; per stage the reader's latency percentiles and, for
+    `hiddenstate serve`, those of its own end-to-end histogram over the same stage."""
     bootstrap = args.bootstrap_servers
     topic = f"bench-sweep-{uuid.uuid4().hex[:8]}"
-    output = f"{topic}.out"
+    output = topic if subject.is_floor else f"{topic}.out"
     create_topic(bootstrap, topic, PARTITIONS)
-    create_topic(bootstrap, output, PARTITIONS)
-    reader = Reader(bootstrap, output, PARTITIONS).start()
-    running = Running(subject, args, topic, output, logs / f"sweep-{topic}.log")
-    stages: list[dict] = []
+    if not subject.is_floor:
+        create_topic(bootstrap, output, PARTITIONS)
+    marker = b'"ts":' if subject.is_floor else b'"event_time_ms":'
+    reader = Reader(bootstrap, output, PARTITIONS, marker=marker).start()
+    running = None
+    scraper = None
+    rates = [round(fraction * capacity) for fraction in args.sweep]
+    schedule = [[rates[0], 2.0]] + [[rate, args.stage_seconds] for rate in rates]
     try:
-        running.wait_in_group(bootstrap)
-        rates = [round(fraction * capacity) for fraction in args.sweep]
-        schedule = [[rates[0], 2.0]] + [[rate, args.stage_seconds] for rate in rates]
-        started_ms = time.time() * 1000
+        if not subject.is_floor:
+            running = Running(subject, args, topic, output, logs / f"sweep-{topic}.log")
+            running.wait_in_group(bootstrap)
+            if not subject.is_baseline:
+                scraper = Scraper(running).start()
         load = subprocess.run(
             [
                 sys.executable,
@@ -311,36 +334,109 @@ def latency_sweep(
             text=True,
             check=True,
         )
-        sent = json.loads(load.stdout.strip().splitlines()[-1])["sent"]
-        wait_for(reader, sent, running, timeout=120)
+        report = json.loads(load.stdout.strip().splitlines()[-1])
+        deadline = time.monotonic() + 120
+        while reader.count < report["sent"]:
+            if running is not None:
+                running.check()
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{subject.label}: {reader.count} of {report['sent']} read")
+            time.sleep(0.05)
     finally:
-        running.stop()
+        if scraper is not None:
+            scraper.stop()
+        if running is not None:
+            running.stop()
+            used(output, running.changelog)
         reader.stop()
-        delete_topics(bootstrap, [topic, output, running.changelog])
+        used(topic)
     arrivals = np.asarray(reader.arrivals)
     event_times = np.asarray(reader.event_times, dtype=np.float64)
     latency = arrivals - event_times
-    # Stage boundaries from the schedule; the load's own start-up is a few ms at most.
-    begin = started_ms
+    stages: list[dict] = []
+    begin = report["started_ms"]
     for i, (rate, seconds) in enumerate(schedule):
         end = begin + seconds * 1000
         if i > 0:  # stage 0 is the warm-up
             mask = (event_times >= begin + 1000) & (event_times < end)
             values = latency[mask]
             q = np.percentile(values, [50, 95, 99]) if len(values) else [np.nan] * 3
-            stages.append(
-                {
-                    "offered_events_per_second": rate,
-                    "fraction_of_capacity": args.sweep[i - 1],
-                    "served_events_per_second": len(values) / ((end - begin - 1000) / 1000),
-                    "p50_ms": float(q[0]),
-                    "p95_ms": float(q[1]),
-                    "p99_ms": float(q[2]),
-                    "max_ms": float(values.max()) if len(values) else float("nan"),
-                }
-            )
+            stage = {
+                "offered_events_per_second": rate,
+                "fraction_of_capacity": args.sweep[i - 1],
+                "served_events_per_second": len(values) / ((end - begin - 1000) / 1000),
+                "p50_ms": float(q[0]),
+                "p95_ms": float(q[1]),
+                "p99_ms": float(q[2]),
+                "max_ms": float(values.max()) if len(values) else float("nan"),
+            }
+            if scraper is not None:
+                stage.update(scraper.quantiles(begin + 1000, end))
+            stages.append(stage)
         begin = end
     return stages
+
+
+class Scraper:
+    """Reads the server's `hiddenstate_end_to_end_seconds` histogram twice a second,
+    so that each stage's own quantiles can be estimated from the bucket deltas."""
+
+    def __init__(self, running: Running) -> None:
+        self._url = f"http://127.0.0.1:{running.metrics_port}/metrics"
+        self._samples: list[tuple[float, dict[float, float]]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def start(self) -> Scraper:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
+
+    def _run(self) -> None:
+        prefix = 'hiddenstate_end_to_end_seconds_bucket{le="'
+        while not self._stop.wait(0.5):
+            try:
+                with urllib.request.urlopen(self._url, timeout=2) as response:
+                    text = response.read().decode()
+            except OSError:
+                continue
+            buckets = {}
+            for line in text.splitlines():
+                if line.startswith(prefix):
+                    bound, _, count = line[len(prefix) :].partition('"} ')
+                    buckets[float(bound)] = float(count)
+            self._samples.append((time.time() * 1000, buckets))
+
+    def quantiles(self, begin_ms: float, end_ms: float) -> dict[str, float]:
+        """p50/p95/p99 (ms) of what the server observed between two times, linearly
+        interpolated inside the histogram's buckets (1, 2.5, 5, 10, 25, 50 ms ...)."""
+        inside = [b for t, b in self._samples if begin_ms <= t <= end_ms]
+        if len(inside) < 2:
+            return {}
+        first, last = inside[0], inside[-1]
+        bounds = sorted(last)
+        cumulative = [last[b] - first.get(b, 0.0) for b in bounds]
+        total = cumulative[-1]
+        if total <= 0:
+            return {}
+        result = {}
+        for name, q in (("server_p50_ms", 0.5), ("server_p95_ms", 0.95), ("server_p99_ms", 0.99)):
+            rank = q * total
+            lower_bound, lower_count = 0.0, 0.0
+            for bound, count in zip(bounds, cumulative, strict=True):
+                if count >= rank:
+                    if bound == float("inf"):
+                        value = lower_bound
+                    else:
+                        share = (rank - lower_count) / max(count - lower_count, 1e-9)
+                        value = lower_bound + share * (bound - lower_bound)
+                    result[name] = value * 1000
+                    break
+                lower_bound, lower_count = bound, count
+        return result
 
 
 # --------------------------------------------------------------------------- memory
@@ -374,7 +470,7 @@ def memory_run(subject: Subject, args: argparse.Namespace, streams: int, logs: P
     finally:
         running.stop()
         reader.stop()
-        delete_topics(bootstrap, [topic, output, running.changelog])
+        used(topic, output, running.changelog)
     return {
         "streams": streams,
         "rss_before_mib": rss0 / 1024,
@@ -429,7 +525,7 @@ def median(values: list[float]) -> float:
 def summarise(results: dict[str, Any], subjects: list[Subject]) -> dict[str, Any]:
     summary: dict[str, Any] = {}
     for subject in subjects:
-        runs = results["capacity"][subject.label]
+        runs = results["capacity"].get(subject.label, [])
         row: dict[str, Any] = {
             key: median([r.get(key, float("nan")) for r in runs])
             for key in (
@@ -449,14 +545,18 @@ def summarise(results: dict[str, Any], subjects: list[Subject]) -> dict[str, Any
                     {
                         "fraction_of_capacity": fraction,
                         **{
-                            key: median([s[key] for s in at])
+                            key: median([s.get(key, float("nan")) for s in at])
                             for key in (
                                 "offered_events_per_second",
                                 "served_events_per_second",
                                 "p50_ms",
                                 "p95_ms",
                                 "p99_ms",
+                                "server_p50_ms",
+                                "server_p95_ms",
+                                "server_p99_ms",
                             )
+                            if any(key in s for s in at)
                         },
                     }
                 )
@@ -471,6 +571,8 @@ def summarise(results: dict[str, Any], subjects: list[Subject]) -> dict[str, Any
         half = _at_fraction(base_row["latency"], 0.5)
         for subject in subjects:
             row = summary[subject.label]
+            if subject.is_floor:
+                continue
             row["throughput_vs_baseline"] = row["events_per_second"] / base_row["events_per_second"]
             mine = _at_fraction(row["latency"], 0.5)
             if half and mine:
@@ -488,23 +590,29 @@ def plot(summary: dict[str, Any], results: dict[str, Any], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(8, 5), dpi=120)
-    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    for color, (label, row) in zip(colors, summary.items(), strict=False):
+    fig, ax = plt.subplots(figsize=(9, 5.5), dpi=120)
+    colors = iter(plt.rcParams["axes.prop_cycle"].by_key()["color"])
+    for label, row in summary.items():
         stages = row["latency"]
         if not stages:
             continue
+        floor = results["subjects"][label]["kind"] == "floor"
+        color = "grey" if floor else next(colors)
         x = [s["offered_events_per_second"] for s in stages]
         ax.plot(x, [s["p99_ms"] for s in stages], "o-", color=color, label=f"{label} p99")
         ax.plot(
             x, [s["p50_ms"] for s in stages], "s--", color=color, alpha=0.6, label=f"{label} p50"
         )
-        ax.axvline(row["events_per_second"], color=color, linestyle=":", alpha=0.7)
-    ax.axhline(20, color="grey", linewidth=0.8)
-    ax.text(ax.get_xlim()[0] if False else 1, 21, "20 ms", color="grey", fontsize=8)
+        if not floor:
+            ax.axvline(row["events_per_second"], color=color, linestyle=":", alpha=0.7)
+    ax.axhline(20, color="black", linewidth=0.6)
+    ax.text(0.01, 21, "20 ms", transform=ax.get_yaxis_transform(), fontsize=8)
     ax.set_xscale("log")
     ax.set_yscale("log")
-    ax.set_xlabel("offered load (events/s); dotted: capacity (backlog drain)")
+    ax.set_xlabel(
+        "offered load (events/s); dotted: capacity (backlog drain); "
+        "floor: no server, the reader reads the events"
+    )
     ax.set_ylabel("end-to-end latency at a reader (ms)")
     env = results["environment"]
     ax.set_title(
@@ -549,7 +657,7 @@ def main() -> int:
     parser.add_argument("--subject", action="append", dest="subjects", default=[])
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--streams", type=int, default=10_000)
-    parser.add_argument("--backlog", type=int, default=1_500_000)
+    parser.add_argument("--backlog", type=int, default=2_500_000)
     parser.add_argument("--warmup", type=float, default=3.0)
     parser.add_argument("--capacity-seconds", type=float, default=12.0)
     parser.add_argument(
@@ -583,7 +691,8 @@ def main() -> int:
         args.backlog, args.capacity_seconds, args.stage_seconds = 1_200_000, 6.0, 4.0
         args.memory_streams = ""
     subjects = [
-        Subject.parse(s) for s in args.subjects or ["baseline", "kafka-python", "confluent"]
+        Subject.parse(s)
+        for s in args.subjects or ["baseline", "kafka-python", "confluent", "floor"]
     ]
     memory_streams = dict(
         (kind, int(n))
@@ -614,8 +723,31 @@ def main() -> int:
         "latency": {s.label: [] for s in subjects},
         "memory": {},
     }
+    try:
+        run_all(args, subjects, memory_streams, results, logs)
+    finally:
+        delete_topics(bootstrap, _USED_TOPICS)
+    results["summary"] = summarise(results, subjects)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(results, indent=2) + "\n")
+    if not args.no_sweep:
+        plot(results["summary"], results, args.plot)
+    print_table(results["summary"])
+    print(f"\n-> {args.out}" + ("" if args.no_sweep else f", {args.plot}"))
+    return 0
+
+
+def run_all(
+    args: argparse.Namespace,
+    subjects: list[Subject],
+    memory_streams: dict[str, int],
+    results: dict[str, Any],
+    logs: Path,
+) -> None:
+    """Capacity runs, then latency sweeps, then memory runs, filling `results`."""
+    bootstrap = args.bootstrap_servers
     given = dict(item.split("=") for item in args.capacity)
-    measured = [s for s in subjects if s.label not in given]
+    measured = [s for s in subjects if s.label not in given and not s.is_floor]
     backlog = f"bench-backlog-{uuid.uuid4().hex[:8]}"
     create_topic(bootstrap, backlog, PARTITIONS)
     try:
@@ -631,17 +763,23 @@ def main() -> int:
                     f"{row['cpu_seconds_per_1000_events']:.3f} CPU s/1k, {row['peak_rss_mib']:.0f} MiB"
                 )
     finally:
-        delete_topics(bootstrap, [backlog])
+        used(backlog)
     capacity = {
         s.label: float(given[s.label])
         if s.label in given
         else median([r["events_per_second"] for r in results["capacity"][s.label]])
         for s in subjects
+        if not s.is_floor
     }
     for label, events_per_second in given.items():
         results["capacity"][label] = [
             {"events_per_second": float(events_per_second), "given": True}
         ]
+    # The floor (no server) is swept at the rates of the fastest subject.
+    fastest = max(capacity.values(), default=float("nan"))
+    for subject in subjects:
+        if subject.is_floor:
+            capacity[subject.label] = fastest
     if not args.no_sweep:
         for run in range(args.runs):
             for subject in subjects:
@@ -659,14 +797,6 @@ def main() -> int:
         if streams:
             results["memory"][subject.label] = memory_run(subject, args, streams, logs)
             print(f"memory {subject.label}: {results['memory'][subject.label]}")
-    results["summary"] = summarise(results, subjects)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(results, indent=2) + "\n")
-    if not args.no_sweep:
-        plot(results["summary"], results, args.plot)
-    print_table(results["summary"])
-    print(f"\n-> {args.out}" + ("" if args.no_sweep else f", {args.plot}"))
-    return 0
 
 
 if __name__ == "__main__":

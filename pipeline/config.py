@@ -94,7 +94,12 @@ class KafkaConfig:
     ssl_cafile: str = _setting("", "CA bundle (PEM) to verify the brokers")
     ssl_certfile: str = _setting("", "client certificate (PEM) for mutual TLS")
     ssl_keyfile: str = _setting("", "client private key (PEM) for mutual TLS")
-    max_poll_records: int = _setting(500, "most records one poll returns", minimum=1)
+    max_poll_records: int = _setting(
+        2000,
+        "most records one poll returns (one batch: larger amortises the per-batch flush "
+        "when behind, docs/benchmarks.md)",
+        minimum=1,
+    )
     poll_timeout_ms: int = _setting(100, "how long one poll waits for records", minimum=0)
     bootstrap_timeout_ms: int = _setting(
         15_000, "how long to wait for the brokers at start before failing", minimum=100
@@ -210,7 +215,7 @@ class StoreConfig:
 class ProcessingConfig:
     """The pure core's limits: how events are batched and how large one may be."""
 
-    max_wave_size: int = _setting(256, "most streams stepped in one onnxruntime call", minimum=1)
+    max_wave_size: int = _setting(1024, "most streams stepped in one onnxruntime call", minimum=1)
     max_event_bytes: int = _setting(
         65_536, "larger event values go to the dead-letter topic", minimum=1
     )
@@ -227,7 +232,9 @@ class DeliveryConfig:
         5.0, "checkpoint (snapshots, then offsets) at least this often", minimum=0.001
     )
     checkpoint_interval_events: int = _setting(
-        10_000, "also checkpoint after this many events (0 = time only)", minimum=0
+        100_000,
+        "also checkpoint after this many events (0 = time only); bounds the replay after a crash",
+        minimum=0,
     )
 
 

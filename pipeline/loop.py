@@ -37,7 +37,7 @@ class LoopSettings:
     """The loop's part of the configuration."""
 
     poll_timeout_s: float = 0.1
-    max_poll_records: int = 500
+    max_poll_records: int = 2000
     checkpoint_interval_s: float = 5.0
     checkpoint_interval_events: int = 0  # 0: by time only
     exactly_once: bool = False
