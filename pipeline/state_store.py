@@ -265,7 +265,7 @@ class StateStore:
         replays (after a restore from a snapshot newer than the committed offset),
         since offsets only grow within a partition."""
         index = self._index
-        slots = np.fromiter((index.get(k, -1) for k in keys), dtype=np.int64, count=len(keys))
+        slots = np.fromiter(map(index.get, keys, repeat(-1)), dtype=np.int64, count=len(keys))
         known = slots >= 0
         found = slots[known]
         applied = np.zeros(len(keys), dtype=np.bool_)
