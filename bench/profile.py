@@ -23,7 +23,7 @@ drains; then sorts the samples into the stages of one event:
 
 A sample counts for its innermost frame in `pipeline/` (what the client,
 numpy or json do on behalf of a pipeline call counts for that call), except
-that anything under `Changelog.write_changes` counts as changelog. Idle
+that snapshots encoded or sent at checkpoints count as changelog. Idle
 samples (threads blocked in select or a condition wait) are left out; the
 percentages are of busy samples. py-spy sees Python threads only: librdkafka's
 own threads (confluent transport) and onnxruntime's are native, so the process
@@ -105,11 +105,20 @@ def classify_baseline(stack: list[str], thread: str) -> str:
     return "loop (other)"
 
 
+# Frames that encode or send snapshots at a checkpoint (spread over batches or not).
+_CHECKPOINT_FRAMES = (
+    "Changelog.changes",
+    "ServeLoop._begin_spread",
+    "ServeLoop._send_checkpoint_share",
+    "ServeLoop._finish_spread",
+)
+
+
 def classify(stack: list[str], thread: str) -> str:
     """The stage of one sample: its thread for the client's threads, else its frames."""
     if "MainThread" not in thread and "kafka" in thread.lower():
         return "client threads"
-    if any("Changelog.write_changes" in frame for frame in stack):
+    if any(mark in frame for frame in stack for mark in _CHECKPOINT_FRAMES):
         return "changelog"
     for frame in reversed(stack):
         function, _, where = frame.partition(" (")

@@ -41,7 +41,7 @@ from pipeline.metrics import Metrics
 from pipeline.model_spec import ModelSpec
 from pipeline.records import OutputRecord
 from pipeline.state_store import Rows, Snapshot, StateStore
-from pipeline.transport import ChangelogReader, Sink, Topics
+from pipeline.transport import ChangelogReader, Topics
 
 log = logging.getLogger(__name__)
 
@@ -196,25 +196,23 @@ class Changelog:
         self._reader = reader
         self._clock = clock
 
-    def write_changes(self, sink: Sink) -> int:
-        """Queue snapshots of the streams changed since the last call, and tombstones
-        of those evicted, on `sink`, each to its input partition. Returns how many."""
+    def changes(self) -> list[OutputRecord]:
+        """The changelog records of the streams changed since the last call (their states
+        copied now) and tombstones of those evicted, each to its input partition."""
         rows = self._store.drain_dirty_rows()
         topic = self.topic
         values = self._codec.encode_many(rows)
-        sink.send(
-            [
-                OutputRecord(topic, key, value, (), partition)
-                for key, value, partition in zip(
-                    rows.keys, values, rows.partitions.tolist(), strict=True
-                )
-            ]
-        )
+        records = [
+            OutputRecord(topic, key, value, (), partition)
+            for key, value, partition in zip(
+                rows.keys, values, rows.partitions.tolist(), strict=True
+            )
+        ]
         tombstones = self._store.drain_tombstones()
-        sink.send([OutputRecord(topic, key, None, (), partition) for key, partition in tombstones])
+        records += [OutputRecord(topic, key, None, (), partition) for key, partition in tombstones]
         self._metrics.snapshots_written.labels("state").inc(len(values))
         self._metrics.snapshots_written.labels("tombstone").inc(len(tombstones))
-        return len(values) + len(tombstones)
+        return records
 
     def restore(self, partitions: list[int]) -> None:
         """Read the changelog partitions of newly assigned input partitions to their end
