@@ -79,7 +79,7 @@ bench: setup
 	  --streams 1000000 --runs 3
 	$(BIN)/python bench/measure_state_store.py --streams 1000000
 	for transport in kafka-python confluent; do
-	  $(BIN)/python bench/profile.py --bootstrap-servers $$KAFKA_BOOTSTRAP_SERVERS \
+	  $(BIN)/python bench/stage_profile.py --bootstrap-servers $$KAFKA_BOOTSTRAP_SERVERS \
 	    --transport $$transport
 	done
 

@@ -10,11 +10,11 @@ same topics as the server it is compared with. No durability of the states
     python bench/baseline.py --model-dir artifacts/bench/model \
         --input-topic T --output-topic T.out [--bootstrap-servers 127.0.0.1:9092]
 
-It is written the obvious way on purpose; the two choices that make it
-faster than the most naive version are kept because a user would find them
-quickly: `torch.inference_mode()` and one intra-op thread (`--torch-threads`;
-on the 2-core machine two threads were slower, docs/benchmarks.md).
-SIGTERM stops it after the batch in hand.
+It is written the obvious way on purpose, with the one choice a user would
+find quickly: `torch.inference_mode()`. Torch keeps its own thread setting
+(two threads on the 2-core machine); `--torch-threads 1` was 7% slower there
+(artifacts/bench/baseline-threads.json, docs/benchmarks.md). SIGTERM stops
+it after the batch in hand.
 """
 
 from __future__ import annotations
@@ -40,10 +40,13 @@ def main() -> int:
     parser.add_argument("--output-topic", required=True)
     parser.add_argument("--bootstrap-servers", default="127.0.0.1:9092")
     parser.add_argument("--group-id", default="baseline")
-    parser.add_argument("--torch-threads", type=int, default=1)
+    parser.add_argument(
+        "--torch-threads", type=int, default=0, help="torch.set_num_threads (0: torch's own)"
+    )
     args = parser.parse_args()
 
-    torch.set_num_threads(args.torch_threads)
+    if args.torch_threads:
+        torch.set_num_threads(args.torch_threads)
     net = load_torch(args.model_dir)
     consumer = KafkaConsumer(
         args.input_topic,

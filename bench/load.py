@@ -29,7 +29,14 @@ import time
 from dataclasses import dataclass, field
 
 import numpy as np
-from confluent_kafka import OFFSET_BEGINNING, Consumer, Producer, TopicPartition
+from confluent_kafka import (
+    OFFSET_BEGINNING,
+    Consumer,
+    KafkaError,
+    KafkaException,
+    Producer,
+    TopicPartition,
+)
 from confluent_kafka.admin import AdminClient, NewTopic
 
 FEATURES = 8
@@ -82,8 +89,9 @@ def delete_topics(bootstrap: str, names: list[str]) -> None:
     for future in admin.delete_topics(names, operation_timeout=30).values():
         try:
             future.result(timeout=60)
-        except Exception as exc:  # a topic that is already gone is fine
-            print(f"delete topic: {exc}", file=sys.stderr)
+        except KafkaException as exc:
+            if exc.args[0].code() != KafkaError.UNKNOWN_TOPIC_OR_PART:  # already gone is fine
+                print(f"delete topic: {exc}", file=sys.stderr)
 
 
 def fill(bootstrap: str, topic: str, streams: int, count: int, first_stream: int = 0) -> float:

@@ -92,7 +92,7 @@ class Subject:
     label: str
     kind: str  # one of KINDS; "floor": no server, the reader reads the events themselves
     tree: Path = REPO
-    flags: tuple[str, ...] = ()  # extra `hiddenstate serve` flags of this subject
+    flags: tuple[str, ...] = ()  # extra flags of this subject's command
 
     @classmethod
     def parse(cls, text: str) -> Subject:
@@ -159,6 +159,7 @@ class Running:
                 str(args.model_dir),
                 "--group-id",
                 self.group,
+                *subject.flags,
             ]
         else:
             command = [
@@ -347,7 +348,7 @@ def latency_sweep(
             scraper.stop()
         if running is not None:
             running.stop()
-            used(output, running.changelog)
+            used(output, *([] if subject.is_baseline else [running.changelog]))
         reader.stop()
         used(topic)
     arrivals = np.asarray(reader.arrivals)

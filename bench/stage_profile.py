@@ -18,8 +18,8 @@ drains; then sorts the samples into the stages of one event:
     client threads  kafka-python's own IO and sender threads (Python code in
                     other threads, holding the GIL)
 
-    python bench/profile.py --transport kafka-python --seconds 15
-    python bench/profile.py --baseline            # bench/baseline.py instead
+    python bench/stage_profile.py --transport kafka-python --seconds 15
+    python bench/stage_profile.py --baseline            # bench/baseline.py instead
 
 A sample counts for its innermost frame in `pipeline/` (what the client,
 numpy or json do on behalf of a pipeline call counts for that call), except
