@@ -262,14 +262,43 @@ def wait_for(reader: Reader, count: int, running: Running, timeout: float) -> No
 # --------------------------------------------------------------------------- capacity
 
 
+class StalledError(Exception):
+    """A subject that served nothing for a minute after its start."""
+
+
 def capacity_run(subject: Subject, args: argparse.Namespace, backlog: str, logs: Path) -> dict:
+    """Serve the backlog from its start; retried (and counted) if the subject stalls at
+    start: kafka-python's consumer (the baseline's) sometimes joined its group and then
+    fetched nothing for minutes; the stacks of such a stall go to the run's log."""
+    for attempt in range(3):
+        try:
+            row = _capacity_once(subject, args, backlog, logs)
+            row["stalled_starts_retried"] = attempt
+            return row
+        except StalledError as stall:
+            print(f"{subject.label}: {stall}; retrying", file=sys.stderr)
+    raise RuntimeError(f"{subject.label} stalled at start three times")
+
+
+def _capacity_once(subject: Subject, args: argparse.Namespace, backlog: str, logs: Path) -> dict:
     bootstrap = args.bootstrap_servers
     output = f"{backlog}.out-{uuid.uuid4().hex[:6]}"
     create_topic(bootstrap, output, PARTITIONS)
     reader = Reader(bootstrap, output, PARTITIONS).start()
-    running = Running(subject, args, backlog, output, logs / f"capacity-{output}.log")
+    log = logs / f"capacity-{output}.log"
+    running = Running(subject, args, backlog, output, log)
     try:
-        wait_for(reader, 1, running, timeout=120)
+        try:
+            wait_for(reader, 1, running, timeout=60)
+        except TimeoutError as exc:
+            stacks = subprocess.run(
+                [str(Path(sys.executable).parent / "py-spy"), "dump", "--pid", str(running.pid)],
+                capture_output=True,
+                text=True,
+            )
+            with log.open("a") as out:
+                out.write(f"\n--- stalled: {exc}\n{stacks.stdout}{stacks.stderr}")
+            raise StalledError(f"nothing served in 60 s (stacks in {log})") from exc
         time.sleep(args.warmup)
         count0, cpu0, t0 = reader.count, cpu_seconds(running.pid), time.monotonic()
         time.sleep(args.capacity_seconds)
@@ -280,7 +309,7 @@ def capacity_run(subject: Subject, args: argparse.Namespace, backlog: str, logs:
     finally:
         running.stop()
         reader.stop()
-        used(output, running.changelog)
+        used(output, *([] if subject.is_baseline else [running.changelog]))
     events = count1 - count0
     return {
         "events_per_second": events / (t1 - t0),
@@ -350,7 +379,7 @@ def latency_sweep(
             running.stop()
             used(output, *([] if subject.is_baseline else [running.changelog]))
         reader.stop()
-        used(topic)
+        used(topic, f"{topic}.dead-letter")
     arrivals = np.asarray(reader.arrivals)
     event_times = np.asarray(reader.event_times, dtype=np.float64)
     latency = arrivals - event_times
@@ -471,7 +500,7 @@ def memory_run(subject: Subject, args: argparse.Namespace, streams: int, logs: P
     finally:
         running.stop()
         reader.stop()
-        used(topic, output, running.changelog)
+        used(topic, output, running.changelog, f"{topic}.dead-letter")
     return {
         "streams": streams,
         "rss_before_mib": rss0 / 1024,
@@ -764,7 +793,7 @@ def run_all(
                     f"{row['cpu_seconds_per_1000_events']:.3f} CPU s/1k, {row['peak_rss_mib']:.0f} MiB"
                 )
     finally:
-        used(backlog)
+        used(backlog, f"{backlog}.dead-letter")
     capacity = {
         s.label: float(given[s.label])
         if s.label in given
