@@ -24,7 +24,7 @@ librdkafka (bench/load.py) for every subject alike. Per run and subject:
    /proc/PID/stat, all threads) over the same window give CPU per 1,000
    events. Peak RSS is the process's VmHWM.
 2. **Latency sweep**: a fresh topic; the subject is started and waits in
-   its group; then a paced load rises through `--sweep` fractions of the
+   its group (and, for `hiddenstate serve`, until /readyz: restored); then a paced load rises through `--sweep` fractions of the
    subject's median capacity (measured in step 1 of this invocation), each
    stage `--stage-seconds` long. End-to-end latency is measured **at a
    reader**: the time a prediction was fetched minus its event's `ts` (the
@@ -225,6 +225,21 @@ class Running:
             time.sleep(0.25)
         raise TimeoutError(f"{self.subject.label}: not in its group after {timeout:.0f} s")
 
+    def wait_ready(self, timeout: float = 90) -> None:
+        """`hiddenstate serve` only: until /readyz says 200 (assigned and restored)."""
+        url = f"http://127.0.0.1:{self.metrics_port}/readyz"
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            self.check()
+            try:
+                with urllib.request.urlopen(url, timeout=2) as response:
+                    if response.status == 200:
+                        return
+            except OSError:
+                pass  # not listening yet, or 503 while restoring
+            time.sleep(0.2)
+        raise TimeoutError(f"{self.subject.label}: not ready after {timeout:.0f} s")
+
     def metric(self, name: str) -> float | None:
         """One unlabelled sample from /metrics (hiddenstate serve only)."""
         if self.subject.is_baseline:
@@ -345,6 +360,8 @@ def latency_sweep(
             running = Running(subject, args, topic, output, logs / f"sweep-{topic}.log")
             running.wait_in_group(bootstrap)
             if not subject.is_baseline:
+                # Assigned is not serving yet: the changelog restore runs first.
+                running.wait_ready()
                 scraper = Scraper(running).start()
         load = subprocess.run(
             [
@@ -484,6 +501,8 @@ def memory_run(subject: Subject, args: argparse.Namespace, streams: int, logs: P
     )
     try:
         running.wait_in_group(bootstrap)
+        if not subject.is_baseline:
+            running.wait_ready()
         fill(bootstrap, topic, 100, 1000, first_stream=10_000_000)  # warm every code path
         wait_for(reader, 1000, running, timeout=60)
         time.sleep(1)
