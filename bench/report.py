@@ -4,6 +4,7 @@ README show), so that every number there comes from a file and a command.
     python bench/report.py artifacts/bench/bench.json                # run.py results
     python bench/report.py artifacts/bench/milestones.json --milestones
     python bench/report.py artifacts/bench/restore.json --restore
+    python bench/report.py artifacts/bench/contention.json --contention
 """
 
 from __future__ import annotations
@@ -83,6 +84,25 @@ def latency_table(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def contention_table(results: dict[str, Any]) -> str:
+    """Per stage: where the p99 builds up, and how busy the two cores were."""
+    lines = [
+        "| subject | offered events/s | p99 ms | p99 ms event -> handed to producer "
+        "| p99 ms producer -> reader | cores busy, whole machine | cores busy, subject |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for label, row in results["summary"].items():
+        for stage in row["latency"]:
+            lines.append(
+                f"| {label} | {_num(stage['offered_events_per_second'])} "
+                f"| {_num(stage['p99_ms'], 1)} | {_num(stage.get('p99_to_produce_ms'), 1)} "
+                f"| {_num(stage.get('p99_after_produce_ms'), 1)} "
+                f"| {_num(stage.get('machine_cores_busy'), 2)} "
+                f"| {_num(stage.get('subject_cores_busy'), 2)} |"
+            )
+    return "\n".join(lines)
+
+
 def milestones_table(results: dict[str, Any]) -> str:
     lines = [
         "| tree | transport | events/s (median; runs) | CPU µs / event | peak RSS MiB |",
@@ -119,12 +139,15 @@ def main() -> int:
     kind = parser.add_mutually_exclusive_group()
     kind.add_argument("--milestones", action="store_true")
     kind.add_argument("--restore", action="store_true")
+    kind.add_argument("--contention", action="store_true", help="the latency sweep's CPU view")
     args = parser.parse_args()
     results = json.loads(args.results.read_text())
     if args.milestones:
         print(milestones_table(results))
     elif args.restore:
         print(restore_table(results))
+    elif args.contention:
+        print(contention_table(results))
     else:
         env = results["environment"]
         print(f"{env['date']}, {env['machine']}; `{env['command']}`\n")

@@ -355,6 +355,7 @@ def latency_sweep(
     scraper = None
     rates = [round(fraction * capacity) for fraction in args.sweep]
     schedule = [[rates[0], 2.0]] + [[rate, args.stage_seconds] for rate in rates]
+    sampler = None
     try:
         if not subject.is_floor:
             running = Running(subject, args, topic, output, logs / f"sweep-{topic}.log")
@@ -363,6 +364,7 @@ def latency_sweep(
                 # Assigned is not serving yet: the changelog restore runs first.
                 running.wait_ready()
                 scraper = Scraper(running).start()
+        sampler = CpuSampler(running.pid if running is not None else None).start()
         load = subprocess.run(
             [
                 sys.executable,
@@ -392,6 +394,8 @@ def latency_sweep(
     finally:
         if scraper is not None:
             scraper.stop()
+        if sampler is not None:
+            sampler.stop()
         if running is not None:
             running.stop()
             used(output, *([] if subject.is_baseline else [running.changelog]))
@@ -399,6 +403,7 @@ def latency_sweep(
         used(topic, f"{topic}.dead-letter")
     arrivals = np.asarray(reader.arrivals)
     event_times = np.asarray(reader.event_times, dtype=np.float64)
+    produced = np.asarray(reader.produced, dtype=np.float64)
     latency = arrivals - event_times
     stages: list[dict] = []
     begin = report["started_ms"]
@@ -417,11 +422,67 @@ def latency_sweep(
                 "p99_ms": float(q[2]),
                 "max_ms": float(values.max()) if len(values) else float("nan"),
             }
+            if len(values):
+                # The prediction's own timestamp is when the server handed it to its
+                # producer: the latency before that, and from there to the reader.
+                stage["p99_to_produce_ms"] = float(
+                    np.percentile((produced - event_times)[mask], 99)
+                )
+                stage["p99_after_produce_ms"] = float(
+                    np.percentile((arrivals - produced)[mask], 99)
+                )
+            if sampler is not None:
+                stage.update(sampler.cores(begin + 1000, end))
             if scraper is not None:
                 stage.update(scraper.quantiles(begin + 1000, end))
             stages.append(stage)
         begin = end
     return stages
+
+
+class CpuSampler:
+    """The machine's busy CPU (/proc/stat) and the subject's own CPU, twice a second, so
+    that each stage can say how busy the two cores were and who was busy."""
+
+    def __init__(self, pid: int | None) -> None:
+        self._pid = pid
+        self._samples: list[tuple[float, float, float, float]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def start(self) -> CpuSampler:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
+
+    def _run(self) -> None:
+        tick = os.sysconf("SC_CLK_TCK")
+        while True:
+            fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+            idle = fields[3] + fields[4]  # idle + iowait
+            try:
+                own = cpu_seconds(self._pid) if self._pid else 0.0
+            except OSError:
+                own = 0.0
+            self._samples.append(
+                (time.time() * 1000, (sum(fields) - idle) / tick, sum(fields) / tick, own)
+            )
+            if self._stop.wait(0.5):
+                return
+
+    def cores(self, begin_ms: float, end_ms: float) -> dict[str, float]:
+        inside = [s for s in self._samples if begin_ms <= s[0] <= end_ms]
+        if len(inside) < 2:
+            return {}
+        (t0, busy0, total0, own0), (t1, busy1, total1, own1) = inside[0], inside[-1]
+        cores = os.cpu_count() or 1
+        result = {"machine_cores_busy": (busy1 - busy0) / (total1 - total0) * cores}
+        if self._pid:
+            result["subject_cores_busy"] = (own1 - own0) / ((t1 - t0) / 1000)
+        return result
 
 
 class Scraper:
@@ -604,6 +665,10 @@ def summarise(results: dict[str, Any], subjects: list[Subject]) -> dict[str, Any
                                 "server_p50_ms",
                                 "server_p95_ms",
                                 "server_p99_ms",
+                                "p99_to_produce_ms",
+                                "p99_after_produce_ms",
+                                "machine_cores_busy",
+                                "subject_cores_busy",
                             )
                             if any(key in s for s in at)
                         },
