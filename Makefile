@@ -1,6 +1,7 @@
 # The two commands of the README, and their parts.
 #   make demo   the main job end to end (train, export, local Kafka, serve, predictions, metrics)
 #   make test   set up everything, start the local broker, run every check and test, stop it
+#   make bench  the benchmark against the hand-written baseline (docs/benchmarks.md)
 SHELL := bash
 .SHELLFLAGS := -eu -o pipefail -c
 .ONESHELL:
@@ -12,7 +13,7 @@ STAMP := $(VENV)/.installed
 
 KUSTOMIZE_VERSION ?= v5.8.0
 
-.PHONY: demo setup tools test lint unit integration kafka-start kafka-stop lock clean
+.PHONY: demo setup tools test lint unit integration bench kafka-start kafka-stop lock clean
 
 # The main job end to end: needs the environment only, not the deployment tools.
 demo: $(STAMP)
@@ -24,7 +25,7 @@ demo: $(STAMP)
 $(STAMP): pyproject.toml constraints.txt
 	[ -x $(BIN)/python ] || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -c constraints.txt -e '.[export,test]'
+	$(BIN)/python -m pip install -q -c constraints.txt -e '.[export,test,fast,bench]'
 	touch $(STAMP)
 
 setup: $(STAMP) tools
@@ -59,8 +60,28 @@ unit: setup
 	$(BIN)/python -m pytest tests/unit
 
 # Uses $$KAFKA_BOOTSTRAP_SERVERS when set; otherwise the fixture starts the local broker.
+# The whole suite runs once per Kafka client (`--transport`); both must pass.
 integration: setup
-	$(BIN)/python -m pytest tests/integration
+	status=0
+	$(BIN)/python -m pytest tests/integration --transport kafka-python || status=1
+	$(BIN)/python -m pytest tests/integration --transport confluent || status=1
+	exit $$status
+
+# The benchmark: throughput, latency against load, CPU and memory of `hiddenstate serve`
+# (both transports) and of the hand-written baseline, the restore rate, and the profiles.
+# About 30 minutes; writes artifacts/bench/ and docs/benchmark-latency.png. Uses
+# $$KAFKA_BOOTSTRAP_SERVERS when set, else the local broker (started if needed, left running).
+bench: setup
+	export KAFKA_BOOTSTRAP_SERVERS=$${KAFKA_BOOTSTRAP_SERVERS:-$$($(BIN)/hiddenstate kafka start)}
+	$(BIN)/python bench/run.py --bootstrap-servers $$KAFKA_BOOTSTRAP_SERVERS \
+	  --out artifacts/bench/bench.json --plot docs/benchmark-latency.png
+	$(BIN)/python bench/restore.py --bootstrap-servers $$KAFKA_BOOTSTRAP_SERVERS \
+	  --streams 1000000 --runs 3
+	$(BIN)/python bench/measure_state_store.py --streams 1000000
+	for transport in kafka-python confluent; do
+	  $(BIN)/python bench/stage_profile.py --bootstrap-servers $$KAFKA_BOOTSTRAP_SERVERS \
+	    --transport $$transport
+	done
 
 kafka-start: setup
 	$(BIN)/hiddenstate kafka start

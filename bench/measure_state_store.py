@@ -3,7 +3,8 @@
     PYTHONPATH=. python bench/measure_state_store.py [--streams 100000]
 
 Traces every allocation (tracemalloc) while a store takes N streams of a
-2-layer, 64-unit GRU state (512 bytes), the way the processor fills it
+1-layer (the benchmark GRU, 256 bytes) and 2-layer (512 bytes) 64-unit GRU
+state and a 16-unit one, the way the processor fills it
 (waves of 256), and reports bytes per stream: total, the state itself, the
 fixed overhead, and the stream-id keys (bytes objects the store keeps alive).
 """
@@ -58,7 +59,7 @@ def main(argv: list[str]) -> None:
         "| state shape | state B | max_streams | slab rows | store B/stream | overhead B/stream | peak B/stream (growth) | key B/stream |"
     )
     print("| --- | --- | --- | --- | --- | --- | --- | --- |")
-    for shape in ((2, 64), (1, 16)):
+    for shape in ((1, 64), (2, 64), (1, 16)):
         for max_streams in (n, 10 * n):
             r = measure(n, shape, max_streams)
             print(

@@ -26,10 +26,11 @@ from kafka import KafkaProducer
 from prometheus_client import CollectorRegistry
 
 from pipeline.changelog import Changelog, SnapshotCodec, ensure_topic
+from pipeline.config import KafkaConfig
 from pipeline.metrics import Metrics
 from pipeline.model_spec import InputSpec, ModelSpec, OutputSpec, StateSpec
 from pipeline.state_store import Snapshot, StateStore
-from pipeline.transport import Topics
+from pipeline.transport import TRANSPORTS, Topics, open_transport
 
 
 def gru_spec(hidden: int, layers: int) -> ModelSpec:
@@ -65,12 +66,15 @@ def write_snapshots(
 
 
 def restore_once(
-    bootstrap: str, topic: str, spec: ModelSpec, streams: int, partitions: int
+    bootstrap: str, transport: str, topic: str, spec: ModelSpec, streams: int, partitions: int
 ) -> float:
     """Restore every partition into an empty store; returns the seconds it took."""
     store = StateStore(spec.states, max_streams=max(streams, 1))
     metrics = Metrics(CollectorRegistry())
-    changelog = Changelog(topic, spec, store, metrics, {"bootstrap_servers": bootstrap})
+    reader = open_transport(
+        KafkaConfig(bootstrap_servers=bootstrap, transport=transport)
+    ).changelog_reader()
+    changelog = Changelog(topic, spec, store, metrics, reader)
     started = time.perf_counter()
     changelog.restore(list(range(partitions)))
     seconds = time.perf_counter() - started
@@ -87,6 +91,9 @@ def main() -> None:
     parser.add_argument("--hidden", type=int, default=64)
     parser.add_argument("--layers", type=int, default=1)
     parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument(
+        "--transport", action="append", choices=TRANSPORTS, help="repeatable (default: both)"
+    )
     parser.add_argument("--out", type=Path, default=Path("artifacts/bench/restore.json"))
     args = parser.parse_args()
 
@@ -96,11 +103,17 @@ def main() -> None:
     ensure_topic(topics, topic, args.partitions)
     topics.close()
     write_s = write_snapshots(args.bootstrap_servers, topic, spec, args.streams, args.partitions)
-    runs = [
-        restore_once(args.bootstrap_servers, topic, spec, args.streams, args.partitions)
-        for _ in range(args.runs)
-    ]
-    median = statistics.median(runs)
+    transports = args.transport or list(TRANSPORTS)
+    # Interleaved, so that drift on the shared machine hits both transports alike.
+    runs: dict[str, list[float]] = {t: [] for t in transports}
+    for _ in range(args.runs):
+        for transport in transports:
+            runs[transport].append(
+                restore_once(
+                    args.bootstrap_servers, transport, topic, spec, args.streams, args.partitions
+                )
+            )
+    medians = {t: statistics.median(r) for t, r in runs.items()}
     result = {
         "benchmark": "changelog restore",
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
@@ -110,15 +123,22 @@ def main() -> None:
         "state_bytes_per_stream": spec.state_bytes,
         "partitions": args.partitions,
         "write_seconds": round(write_s, 3),
-        "restore_seconds_runs": [round(r, 3) for r in runs],
-        "restore_seconds_median": round(median, 3),
-        "restored_states_per_second_median": round(args.streams / median),
+        "restore_seconds_runs": {t: [round(s, 3) for s in r] for t, r in runs.items()},
+        "restore_seconds_median": {t: round(m, 3) for t, m in medians.items()},
+        "restored_states_per_second_median": {
+            t: round(args.streams / m) for t, m in medians.items()
+        },
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {args.streams} snapshots ({spec.state_bytes} B of state each) in {write_s:.1f} s")
-    print(f"restore runs (s): {', '.join(f'{r:.2f}' for r in runs)}")
-    print(f"median: {median:.2f} s = {args.streams / median:,.0f} states/s  -> {args.out}")
+    for transport, seconds in runs.items():
+        median = medians[transport]
+        print(
+            f"{transport:<13} restore runs (s): {', '.join(f'{r:.2f}' for r in seconds)}; "
+            f"median {median:.2f} s = {args.streams / median:,.0f} states/s"
+        )
+    print(f"-> {args.out}")
 
 
 if __name__ == "__main__":

@@ -7,6 +7,14 @@
     their acks, then commit the input offsets (exactly-once: all of it, with
     the predictions, in one Kafka transaction)
 
+At-least-once, a checkpoint with many changed streams is spread over the
+next batches: the changed states are copied at once (so they match the
+offsets to commit), then each batch sends a share of their snapshots before
+its own flush, and the offsets are committed after the flush that
+acknowledged the last share. Sending tens of thousands of snapshots at once
+stopped the loop for 25 ms (confluent) to 150 ms (kafka-python): the events
+waiting meanwhile were the latency's tail (docs/benchmarks.md).
+
 Offsets are committed only after everything produced from them is
 acknowledged, so a crash can repeat predictions but never lose one. The loop is
 effectively single-threaded: the rebalance callbacks run while the serving
@@ -25,7 +33,7 @@ from typing import Protocol
 from pipeline.errors import FlushTimeoutError
 from pipeline.health import LoopState
 from pipeline.metrics import Metrics
-from pipeline.records import BatchResult, InputRecord
+from pipeline.records import BatchResult, InputRecord, OutputRecord
 from pipeline.state_store import StateStore
 from pipeline.transport import RebalanceCallback, Sink, Source
 
@@ -37,7 +45,7 @@ class LoopSettings:
     """The loop's part of the configuration."""
 
     poll_timeout_s: float = 0.1
-    max_poll_records: int = 500
+    max_poll_records: int = 2000
     checkpoint_interval_s: float = 5.0
     checkpoint_interval_events: int = 0  # 0: by time only
     exactly_once: bool = False
@@ -45,6 +53,14 @@ class LoopSettings:
     # liveness heartbeat and waits again (the producer's own delivery timeout
     # decides when a record is given up).
     flush_wait_s: float = 5.0
+    # Consumer lag is read at most this often: a gauge scraped every few
+    # seconds gains nothing from a reading per poll, which costs a client call
+    # and a labelled gauge update per partition.
+    lag_interval_s: float = 1.0
+    # A spread checkpoint sends, per batch, snapshots in shares of this many
+    # records for as long as this budget lasts (at least one share).
+    checkpoint_share_records: int = 200
+    checkpoint_share_s: float = 0.002
 
 
 class BatchProcessor(Protocol):
@@ -60,8 +76,10 @@ class BatchProcessor(Protocol):
 class Checkpointer(Protocol):
     """Durable state (the changelog). Without one a checkpoint only commits offsets."""
 
-    def write_changes(self, sink: Sink) -> int:
-        """Queue snapshots of changed streams and tombstones on `sink`; return how many."""
+    def changes(self) -> list[OutputRecord]:
+        """The changelog records of every change since the last call, to send: snapshots
+        of changed streams (their states copied now), then tombstones of evicted ones.
+        Each record's partition is the input partition its stream was read from."""
         ...
 
     def restore(self, partitions: list[int]) -> None:
@@ -70,6 +88,21 @@ class Checkpointer(Protocol):
 
 
 SourceFactory = Callable[[RebalanceCallback, RebalanceCallback, RebalanceCallback], Source]
+
+
+@dataclass
+class _Spread:
+    """An at-least-once checkpoint in progress: its changelog records, sent a share
+    per batch, and the offsets it commits once the last share is acknowledged."""
+
+    records: list[OutputRecord]
+    offsets: dict[tuple[str, int], int]
+    started: float
+    sent: int = 0
+
+    @property
+    def all_sent(self) -> bool:
+        return self.sent == len(self.records)
 
 
 class ServeLoop:
@@ -98,7 +131,9 @@ class ServeLoop:
         self._pending_offsets: dict[tuple[str, int], int] = {}
         self._events_since_checkpoint = 0
         self._last_checkpoint = clock()
+        self._last_lag = float("-inf")
         self._in_transaction = False
+        self._spread: _Spread | None = None
         # Exactly-once: event times of predictions that become visible at the next commit.
         self._uncommitted_event_times: list[int] = []
         self._source = make_source(self._on_assigned, self._on_revoked, self._on_lost)
@@ -131,19 +166,28 @@ class ServeLoop:
             self._begin_transaction_if_needed()
         result = self._processor.process(records)
         if records:
-            for output in result.outputs:
-                self._sink.send(output)
+            self._sink.send(result.outputs)
             if self._settings.exactly_once:
                 self._uncommitted_event_times += result.event_times_ms
             else:
+                self._send_checkpoint_share()  # acknowledged by the flush that follows
                 self._flush()
                 self._metrics.observe_end_to_end(result.event_times_ms, self._clock())
+                self._commit_if_checkpoint_sent()
             self._pending_offsets.update(result.next_offsets)
             self._events_since_checkpoint += len(records)
-        for partition, lag in self._source.lag().items():
-            self._metrics.set_lag(partition, lag)
-        if self._checkpoint_due():
-            self._checkpoint()
+        elif self._spread is not None:
+            self._finish_spread()  # idle: no waiting events to protect, finish it now
+        now = self._clock()
+        if now - self._last_lag >= self._settings.lag_interval_s:
+            self._last_lag = now
+            for partition, lag in self._source.lag().items():
+                self._metrics.set_lag(partition, lag)
+        if self._spread is None and self._checkpoint_due():
+            if self._settings.exactly_once:
+                self._checkpoint()
+            else:
+                self._begin_spread()
 
     def _flush(self) -> None:
         """Wait for every output's acknowledgement, however long the broker is away,
@@ -170,26 +214,77 @@ class ServeLoop:
             self._in_transaction = True
 
     def _checkpoint(self) -> None:
-        """Changed states to the changelog, wait for acks, then commit the input offsets."""
+        """Changed states to the changelog, wait for acks, then commit the input offsets,
+        all before returning (a revocation, the stop, exactly-once)."""
+        if not self._settings.exactly_once:
+            if self._spread is not None:
+                self._finish_spread()
+            self._begin_spread()
+            if self._spread is not None:
+                self._finish_spread()
+            return
         started = self._clock()
         self._last_checkpoint = started
         self._events_since_checkpoint = 0
-        if self._settings.exactly_once:
-            if not self._in_transaction:
-                return
-            if self._checkpointer is not None:
-                self._checkpointer.write_changes(self._sink)
-            self._sink.commit_transaction(self._pending_offsets, self._source.group_metadata())
-            self._in_transaction = False
-            self._metrics.observe_end_to_end(self._uncommitted_event_times, self._clock())
-            self._uncommitted_event_times = []
-        else:
-            if self._checkpointer is not None and self._checkpointer.write_changes(self._sink):
-                self._flush()
-            if not self._source.commit(self._pending_offsets):
-                return  # rebalancing: the offsets stay pending for the next checkpoint
+        if not self._in_transaction:
+            return
+        if self._checkpointer is not None:
+            self._sink.send(self._checkpointer.changes())
+        self._sink.commit_transaction(self._pending_offsets, self._source.group_metadata())
+        self._in_transaction = False
+        self._metrics.observe_end_to_end(self._uncommitted_event_times, self._clock())
+        self._uncommitted_event_times = []
         self._pending_offsets = {}
         self._metrics.checkpoint_seconds.observe(self._clock() - started)
+
+    def _begin_spread(self) -> None:
+        """At-least-once: copy the changes and take the offsets they cover; send the first
+        share. A checkpoint that fits in one share finishes here, like a plain one."""
+        started = self._clock()
+        self._last_checkpoint = started
+        self._events_since_checkpoint = 0
+        records = self._checkpointer.changes() if self._checkpointer is not None else []
+        self._spread = _Spread(records, self._pending_offsets, started)
+        self._pending_offsets = {}
+        self._send_checkpoint_share()
+        if self._spread.all_sent:
+            if records:
+                self._flush()
+            self._commit_if_checkpoint_sent()
+
+    def _send_checkpoint_share(self) -> None:
+        spread = self._spread
+        if spread is None or spread.all_sent:
+            return
+        share = self._settings.checkpoint_share_records
+        deadline = time.perf_counter() + self._settings.checkpoint_share_s
+        while True:
+            self._sink.send(spread.records[spread.sent : spread.sent + share])
+            spread.sent = min(spread.sent + share, len(spread.records))
+            if spread.all_sent or time.perf_counter() >= deadline:
+                return
+
+    def _finish_spread(self) -> None:
+        spread = self._spread
+        if spread is None:
+            return
+        self._sink.send(spread.records[spread.sent :])
+        spread.sent = len(spread.records)
+        self._flush()
+        self._commit_if_checkpoint_sent()
+
+    def _commit_if_checkpoint_sent(self) -> None:
+        """After a flush: commit the spread checkpoint's offsets once all of it is sent
+        (and so acknowledged). A deferred commit leaves them pending for the next one."""
+        spread = self._spread
+        if spread is None or not spread.all_sent:
+            return
+        self._spread = None
+        if not self._source.commit(spread.offsets):
+            # Rebalancing: retry with the next checkpoint. Offsets taken since are newer.
+            self._pending_offsets = {**spread.offsets, **self._pending_offsets}
+            return
+        self._metrics.checkpoint_seconds.observe(self._clock() - spread.started)
 
     def _on_assigned(self, partitions: list[int]) -> None:
         log.info("assigned input partitions %s", partitions)
@@ -227,6 +322,14 @@ class ServeLoop:
         self._pending_offsets = {
             tp: offset for tp, offset in self._pending_offsets.items() if tp[1] not in partitions
         }
+        spread = self._spread
+        if spread is not None:  # its snapshots of those partitions not sent yet never will be
+            spread.records[spread.sent :] = [
+                r for r in spread.records[spread.sent :] if r.partition not in partitions
+            ]
+            spread.offsets = {
+                tp: offset for tp, offset in spread.offsets.items() if tp[1] not in partitions
+            }
         log.info("dropped %d streams of lost partitions %s", dropped, partitions)
         for partition in partitions:
             self._metrics.forget_partition(partition)

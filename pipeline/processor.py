@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Sequence
+from itertools import chain
 
 import numpy as np
 from prometheus_client import CollectorRegistry
@@ -35,6 +36,8 @@ from pipeline.waves import plan_waves
 log = logging.getLogger(__name__)
 
 _BAD_EVENT_LOG_INTERVAL = 10.0  # seconds between warnings for one reason; the rest at debug
+# Fills the slots of the prediction list before the waves do (every slot is filled).
+_NO_PREDICTION = OutputRecord("", None, None)
 
 
 class Processor:
@@ -66,6 +69,7 @@ class Processor:
         self._dead_letter_topic = topics.dead_letter_topic or f"{topics.input_topic}.dead-letter"
         self._max_wave = processing.max_wave_size
         self._x_dtype = np.int64 if spec.input.dtype == "int64" else np.float32
+        self._n_features = len(spec.input.features)
         self._clock = clock
         self._timer = timer
         self._ttl_check_interval = ttl_check_interval
@@ -84,13 +88,12 @@ class Processor:
             self._publish_store_size()  # idle eviction may have shrunk it
             return result
         metrics.events.inc(len(records))
+        # A source returns each partition's records in offset order, so the last
+        # record of a partition has its highest offset.
+        result.next_offsets.update({(r.topic, r.partition): r.offset + 1 for r in records})
         events: list[Event] = []
-        next_offsets = result.next_offsets
         decode = self._decoder.decode
         for record in records:
-            position = (record.topic, record.partition)
-            if next_offsets.get(position, -1) <= record.offset:
-                next_offsets[position] = record.offset + 1
             try:
                 events.append(decode(record))
             except BadEventError as error:
@@ -98,12 +101,18 @@ class Processor:
                 metrics.dead_letters.labels(error.reason).inc()
                 self._log_bad(record, error, now)
         events = self._without_replays(events)
-        predictions: list[OutputRecord | None] = [None] * len(events)
-        for wave in plan_waves([e.key for e in events], self._max_wave):
-            wave_events = [events[i] for i in wave]
-            for i, prediction in zip(wave, self._step_wave(wave_events, started, now), strict=True):
-                predictions[i] = prediction
-        result.predictions = [p for p in predictions if p is not None]
+        waves = plan_waves([e.key for e in events], self._max_wave)
+        if len(waves) == 1:  # every stream once, in input order: the common case
+            result.predictions = self._step_wave(events, started, now)
+        elif waves:
+            predictions: list[OutputRecord] = [_NO_PREDICTION] * len(events)
+            for wave in waves:
+                wave_events = [events[i] for i in wave]
+                for i, prediction in zip(
+                    wave, self._step_wave(wave_events, started, now), strict=True
+                ):
+                    predictions[i] = prediction
+            result.predictions = predictions
         result.event_times_ms = [e.event_time_ms for e in events]
         metrics.predictions.inc(len(result.predictions))
         self._publish_store_size()
@@ -148,7 +157,11 @@ class Processor:
         for event in events:
             if event.reset:
                 store.reset(event.key)
-        x = np.array([e.x for e in events], dtype=self._x_dtype)
+        x = np.fromiter(
+            chain.from_iterable([e.x for e in events]),
+            dtype=self._x_dtype,
+            count=len(events) * self._n_features,
+        ).reshape(len(events), self._n_features)
         states = store.gather(slots)
         wave_started = self._timer()
         outputs, new_states = self.model.step(x, states)

@@ -8,15 +8,18 @@ Keeping these free of client types is what lets the core be tested without a bro
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 Headers = tuple[tuple[str, bytes], ...]
 """Kafka record headers as kafka-python gives and takes them: `(name, value)` pairs."""
 
 
-@dataclass(frozen=True, slots=True)
-class InputRecord:
-    """One record polled from the input topic, as the broker gave it."""
+class InputRecord(NamedTuple):
+    """One record polled from the input topic, as the broker gave it.
+
+    A named tuple rather than a frozen dataclass: just as immutable, and
+    built in a fifth of the time (one per event on the hot path: 0.2 us
+    instead of 0.75 us, bench/measure_core.py)."""
 
     topic: str
     partition: int
@@ -46,9 +49,9 @@ class InputRecord:
         return f"{self.topic}[{self.partition}]@{self.offset}"
 
 
-@dataclass(frozen=True, slots=True)
-class OutputRecord:
-    """One record to produce. `partition=None` lets the producer's partitioner pick by key."""
+class OutputRecord(NamedTuple):
+    """One record to produce. `partition=None` lets the producer's partitioner pick by key.
+    A named tuple for the same reason as `InputRecord`."""
 
     topic: str
     key: bytes | None

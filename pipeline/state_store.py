@@ -24,6 +24,8 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from itertools import repeat
+from typing import cast
 
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
@@ -32,6 +34,18 @@ from pipeline.model_spec import StateSpec
 
 _FREE = np.iinfo(np.int64).max  # last-used tick of a free slot: never the least recent
 Slots = NDArray[np.int64]
+
+
+@dataclass(frozen=True)
+class Rows:
+    """Many streams' snapshots as columns: row `i` of every field is stream `keys[i]`.
+    What a checkpoint drains (one fancy-index copy per column, no object per stream)."""
+
+    keys: list[bytes]
+    partitions: NDArray[np.int32]
+    offsets: NDArray[np.int64]
+    steps: NDArray[np.int64]
+    states: tuple[NDArray[np.float32], ...]  # one [len(keys), *shape] array per state tensor
 
 
 @dataclass(frozen=True)
@@ -134,24 +148,29 @@ class StateStore:
             )
         self._tick += 1
         index = self._index
-        slots = np.fromiter((index.get(k, -1) for k in keys), dtype=np.int64, count=len(keys))
+        # map() over the dict's own methods: the per-key work stays in C.
+        slots = np.fromiter(map(index.get, keys, repeat(-1)), dtype=np.int64, count=len(keys))
         missing = np.flatnonzero(slots < 0)
         if len(missing):
             # Touch the known ones first so that eviction cannot pick them.
             self._last_used[slots[slots >= 0]] = self._tick
-            self._make_room(len(missing))
-            fresh = []
-            for i in missing.tolist():
-                key = keys[i]
-                slot = index.get(key)  # a key repeated within `keys` gets one slot
-                if slot is None:
-                    slot = self._free.pop() if self._free else self._next_unused()
-                    index[key] = slot
-                    self._keys[slot] = key
+            missing_keys = [keys[i] for i in missing.tolist()]
+            new_keys = list(dict.fromkeys(missing_keys))  # a key repeated in `keys`: one slot
+            self._make_room(len(new_keys))
+            fresh = self._take_slots(len(new_keys))
+            index.update(zip(new_keys, fresh, strict=True))
+            for key, slot in zip(new_keys, fresh, strict=True):
+                self._keys[slot] = key
+            if self._tombstones:
+                for key in new_keys:
                     self._tombstones.pop(key, None)  # it comes back: the new state supersedes it
-                    fresh.append(slot)
-                slots[i] = slot
-            self._clear(np.asarray(fresh, dtype=np.int64))
+            fresh_slots = np.asarray(fresh, dtype=np.int64)
+            self._clear(fresh_slots)
+            slots[missing] = (
+                fresh_slots
+                if len(new_keys) == len(missing_keys)
+                else np.fromiter(map(index.__getitem__, missing_keys), np.int64, len(missing))
+            )
         self._last_used[slots] = self._tick
         self._last_seen[slots] = now
         self._partition[slots] = partitions
@@ -246,7 +265,7 @@ class StateStore:
         replays (after a restore from a snapshot newer than the committed offset),
         since offsets only grow within a partition."""
         index = self._index
-        slots = np.fromiter((index.get(k, -1) for k in keys), dtype=np.int64, count=len(keys))
+        slots = np.fromiter(map(index.get, keys, repeat(-1)), dtype=np.int64, count=len(keys))
         known = slots >= 0
         found = slots[known]
         applied = np.zeros(len(keys), dtype=np.bool_)
@@ -279,11 +298,32 @@ class StateStore:
         self._tombstones = {k: p for k, p in self._tombstones.items() if p != partition}
         return len(victims)
 
-    def drain_dirty(self) -> list[Snapshot]:
-        """Snapshots of the streams changed since the last drain; they are clean afterwards."""
+    def drain_dirty_rows(self) -> Rows:
+        """The streams changed since the last drain, as columns; they are clean afterwards."""
         slots = np.flatnonzero(self._dirty[: self._high_water])
         self._dirty[slots] = False
-        return [self._snapshot(slot) for slot in slots.tolist()]
+        keys = self._keys
+        return Rows(
+            keys=[cast(bytes, keys[slot]) for slot in slots.tolist()],  # dirty slots hold a key
+            partitions=self._partition[slots],
+            offsets=self._offset[slots],
+            steps=self._steps[slots],
+            states=tuple(slab[slots] for slab in self._slabs),
+        )
+
+    def drain_dirty(self) -> list[Snapshot]:
+        """Snapshots of the streams changed since the last drain; they are clean afterwards."""
+        rows = self.drain_dirty_rows()
+        return [
+            Snapshot(
+                key=key,
+                partition=int(rows.partitions[i]),
+                offset=int(rows.offsets[i]),
+                step=int(rows.steps[i]),
+                states=tuple(state[i] for state in rows.states),
+            )
+            for i, key in enumerate(rows.keys)
+        ]
 
     def drain_tombstones(self) -> list[tuple[bytes, int]]:
         """`(key, partition)` of the streams evicted since the last drain."""
@@ -310,10 +350,14 @@ class StateStore:
         self._steps[slots] = 0
         self._dirty[slots] = False
 
-    def _next_unused(self) -> int:
-        slot = self._high_water
-        self._high_water += 1
-        return slot
+    def _take_slots(self, count: int) -> list[int]:
+        """`count` unused slots (room was made): freed ones first, then never-used ones."""
+        reused = min(count, len(self._free))
+        taken = self._free[len(self._free) - reused :][::-1]  # last freed first, like pop()
+        del self._free[len(self._free) - reused :]
+        start = self._high_water
+        self._high_water += count - reused
+        return [*taken, *range(start, self._high_water)]
 
     def _make_room(self, needed: int) -> None:
         """Grow, then evict least recently used, until `needed` slots are free."""

@@ -268,8 +268,16 @@ class Served:
 _REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
+@pytest.fixture(scope="session")
+def serve_transport(pytestconfig: pytest.Config) -> str:
+    """The Kafka client every served process uses (`pytest --transport ...`)."""
+    return str(pytestconfig.getoption("--transport"))
+
+
 @pytest.fixture
-def serve(kafka_bootstrap: str, tmp_path: Path) -> Iterator[Callable[..., Served]]:
+def serve(
+    kafka_bootstrap: str, tmp_path: Path, serve_transport: str
+) -> Iterator[Callable[..., Served]]:
     """Start `hiddenstate serve` processes; all are killed at the end of the test."""
     started: list[Served] = []
 
@@ -277,6 +285,8 @@ def serve(kafka_bootstrap: str, tmp_path: Path) -> Iterator[Callable[..., Served
         port = free_port()
         served = Served(
             [
+                "--transport",
+                serve_transport,
                 "--bootstrap-servers",
                 kafka_bootstrap,
                 "--metrics-port",

@@ -104,7 +104,10 @@ def _cli(*args: str) -> list[str]:
 
 @pytest.fixture(scope="module")
 def stack(
-    kafka: KafkaKit, kafka_bootstrap: str, tmp_path_factory: pytest.TempPathFactory
+    kafka: KafkaKit,
+    kafka_bootstrap: str,
+    serve_transport: str,
+    tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[Stack]:
     """Server, load and Prometheus, running until the module's tests are done."""
     prometheus = require("prometheus")
@@ -124,6 +127,7 @@ def stack(
                 subprocess.Popen(
                     _cli(
                         "serve",
+                        "--transport", serve_transport,
                         "--model", str(model),
                         "--input-topic", topic,
                         "--output-topic", f"{topic}.predictions",

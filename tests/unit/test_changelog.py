@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from pipeline.changelog import SnapshotCodec
-from pipeline.state_store import Snapshot
+from pipeline.state_store import Rows, Snapshot
 from pipeline.testing import random_weights
 
 
@@ -62,3 +62,43 @@ def test_a_snapshot_of_another_state_shape_does_not_fit():
 
 def test_bytes_that_are_no_snapshot_do_not_fit():
     assert not SnapshotCodec(lstm_spec()).fits(b'{"x": [1, 2]}')
+
+
+def rows_of(snapshots: list[Snapshot]) -> Rows:
+    return Rows(
+        keys=[s.key for s in snapshots],
+        partitions=np.array([s.partition for s in snapshots], np.int32),
+        offsets=np.array([s.offset for s in snapshots], np.int64),
+        steps=np.array([s.step for s in snapshots], np.int64),
+        states=tuple(
+            np.stack([s.states[i] for s in snapshots]) if snapshots else np.zeros((0, 2, 4))
+            for i in range(2)
+        ),
+    )
+
+
+def test_encoding_many_gives_the_same_bytes_as_encoding_each():
+    spec = lstm_spec()
+    codec = SnapshotCodec(spec)
+    snapshots = [snapshot(spec, key=b"k%d" % i, step=i, offset=10 * i, fill=i) for i in range(4)]
+    assert codec.encode_many(rows_of(snapshots)) == [codec.encode(s) for s in snapshots]
+    assert codec.encode_many(rows_of([])) == []
+
+
+def test_decoding_many_keeps_the_fitting_values_and_says_which_they_are():
+    spec = lstm_spec()
+    codec = SnapshotCodec(spec)
+    other = lstm_spec(seed=1)
+    values = [
+        codec.encode(snapshot(spec, step=3, offset=30, fill=1.0)),
+        SnapshotCodec(other).encode(snapshot(other)),  # another model: same length, other header
+        b"not a snapshot",
+        codec.encode(snapshot(spec, step=5, offset=50, fill=2.0)),
+    ]
+    decoded = codec.decode_many(values)
+    assert decoded.indexes.tolist() == [0, 3]
+    assert decoded.steps.tolist() == [3, 5]
+    assert decoded.offsets.tolist() == [30, 50]
+    for state, expected in zip(decoded.states, snapshot(spec, fill=2.0).states, strict=True):
+        np.testing.assert_array_equal(state[1], expected)
+    assert len(codec.decode_many([]).indexes) == 0

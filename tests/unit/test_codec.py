@@ -3,7 +3,10 @@ import json
 import jsonschema
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
+from pipeline import codec
 from pipeline.codec import (
     REASONS,
     EventDecoder,
@@ -20,6 +23,18 @@ FEATURES = InputSpec(features=("a", "b", "c"))
 TOKENS = InputSpec(features=("token",), dtype="int64", vocabulary=("x", "y", "z"))
 FLOAT_SPEC = random_weights("gru", n_features=3).spec
 TOKEN_SPEC = random_weights("gru", task="next_token", vocabulary=["x", "y", "z"]).spec
+
+
+@pytest.fixture(autouse=True, params=["orjson", "stdlib"])
+def json_parser(request, monkeypatch):
+    """Every codec test runs with orjson and with the standard library's JSON (and `%`
+    number formats): the results must not depend on which is installed."""
+    if request.param == "stdlib":
+        monkeypatch.setattr(codec, "FAST_JSON", None)
+        monkeypatch.setattr(codec, "FAST_JSON_NUMPY", None)
+    elif codec.FAST_JSON is None:
+        pytest.skip("orjson (the `fast` extra) is not installed")
+    return request.param
 
 
 def decode(value, key="s1", spec=FEATURES, max_bytes=1000, **kwargs):
@@ -292,3 +307,55 @@ def test_whitespace_around_the_json_value_is_fine():
 
 def test_data_after_the_json_value_is_not_json():
     assert reason_of(b'{"x": [1, 2, 3]} {"x": [4, 5, 6]}') == "not_json"
+
+
+_JSON = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.floats(allow_nan=True, allow_infinity=True)
+    | st.integers(-(2**63), 2**64 - 1)
+    | st.text(max_size=5),
+    lambda children: (
+        st.lists(children, max_size=4)
+        | st.dictionaries(
+            st.sampled_from(["x", "ts", "reset", "a", "b", "c"]), children, max_size=4
+        )
+    ),
+    max_leaves=12,
+)
+_EVENTS = st.fixed_dictionaries(
+    {"x": st.lists(st.floats() | st.integers(-(2**63), 2**64 - 1), min_size=2, max_size=4) | _JSON},
+    optional={"ts": st.integers(-5, 2**64 - 1) | _JSON, "reset": st.booleans() | _JSON},
+)
+
+
+def _outcome(value: bytes, spec: InputSpec):
+    try:
+        event = EventDecoder(spec, 1000).decode(event_record("s1", value))
+    except BadEventError as error:
+        return ("bad", error.reason)
+    return ("ok", np.asarray(event.x, np.float64).tolist(), event.event_time_ms, event.reset)
+
+
+# The fixtures only pick the parser, which the test switches itself for each example.
+@settings(
+    max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    document=_JSON | _EVENTS,
+    cut=st.integers(0, 200),
+    noise=st.binary(max_size=3),
+    spec=st.sampled_from([FEATURES, TOKENS]),
+)
+def test_orjson_and_the_standard_library_give_the_same_event_or_reason(
+    json_parser, monkeypatch, document, cut, noise, spec
+):
+    if json_parser != "orjson":
+        pytest.skip("compares both parsers itself: runs once, under the orjson variant")
+    text = json.dumps(document).encode()
+    for value in (text, text[:cut] + noise + text[cut:]):
+        fast = _outcome(value, spec)
+        with monkeypatch.context() as m:
+            m.setattr(codec, "FAST_JSON", None)
+            standard = _outcome(value, spec)
+        assert fast == standard, value

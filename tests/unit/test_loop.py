@@ -71,9 +71,12 @@ class FakeSource:
 class FakeSink:
     def __init__(self, journal: Journal) -> None:
         self.journal = journal
+        self.records: list[OutputRecord] = []
 
-    def send(self, record: OutputRecord) -> None:
-        self.journal.add("send", record.topic)
+    def send(self, records) -> None:
+        for record in records:
+            self.journal.add("send", record.topic)
+            self.records.append(record)
 
     def flush(self, timeout_s: float) -> None:
         self.journal.add("flush")
@@ -97,11 +100,11 @@ class FakeCheckpointer:
         self.health = health
         self.ready_while_restoring = None
 
-    def write_changes(self, sink) -> int:
-        changed = self.store.drain_dirty()
-        for _ in changed:
-            sink.send(OutputRecord("changelog", b"k", b"v"))
-        return len(changed)
+    def changes(self) -> list[OutputRecord]:
+        return [
+            OutputRecord("changelog", s.key, b"v", (), s.partition)
+            for s in self.store.drain_dirty()
+        ]
 
     def restore(self, partitions: list[int]) -> None:
         self.journal.add("restore", partitions)
@@ -287,3 +290,77 @@ def test_a_broker_outage_keeps_the_loop_waiting_and_beating_until_the_acks_come(
     loop.run_once()
     assert len(beats) >= 3  # the iteration's own beat and one per failed wait
     assert ("commit", {("events", 0): 1}) in journal.entries
+
+
+# A checkpoint with more changed streams than one share is spread over the next batches.
+SPREAD = {"checkpoint_share_records": 1, "checkpoint_share_s": 0.0}
+
+
+def sent_snapshots(journal) -> int:
+    return journal.entries.count(("send", "changelog"))
+
+
+def test_a_large_checkpoint_is_spread_and_commits_its_offsets_after_the_last_share(
+    make_loop, journal, clock
+):
+    loop, source, _ = make_loop(checkpoint_interval_s=1.0, **SPREAD)
+    source.batches = [event_records([("a", ev(1)), ("b", ev(2)), ("c", ev(3))])]
+    clock.advance(1.0)
+    loop.run_once()  # serves the batch, then begins the checkpoint: one share of three
+    assert sent_snapshots(journal) == 1
+    assert "commit" not in journal.kinds()
+    source.batches = [event_records([("d", ev(4))], first_offset=3)]
+    loop.run_once()  # the second share goes before this batch's flush
+    assert sent_snapshots(journal) == 2
+    assert "commit" not in journal.kinds()
+    source.batches = [event_records([("e", ev(5))], first_offset=4)]
+    loop.run_once()  # the last share, its flush, then the commit of the checkpoint's offsets
+    kinds = journal.kinds()
+    assert sent_snapshots(journal) == 3
+    last_share = len(kinds) - 1 - kinds[::-1].index("send")
+    assert last_share < kinds.index("flush", last_share) < kinds.index("commit")
+    assert ("commit", {("events", 0): 3}) in journal.entries  # not the later batches' offsets
+
+
+def test_an_idle_poll_finishes_a_spread_checkpoint(make_loop, journal, clock):
+    loop, source, _ = make_loop(checkpoint_interval_s=1.0, **SPREAD)
+    source.batches = [event_records([("a", ev(1)), ("b", ev(2)), ("c", ev(3))])]
+    clock.advance(1.0)
+    loop.run_once()
+    loop.run_once()  # nothing polled
+    assert sent_snapshots(journal) == 3
+    assert journal.kinds()[-2:] == ["flush", "commit"]
+    assert ("commit", {("events", 0): 3}) in journal.entries
+
+
+def test_a_revocation_finishes_a_spread_checkpoint_before_dropping_streams(
+    make_loop, journal, clock
+):
+    loop, source, processor = make_loop(checkpoint_interval_s=1.0, **SPREAD)
+    source.rebalance("assigned", [0])
+    source.batches = [event_records([("a", ev(1)), ("b", ev(2)), ("c", ev(3))])]
+    clock.advance(1.0)
+    loop.run_once()
+    source.rebalance("revoked", [0])
+    assert sent_snapshots(journal) == 3
+    assert ("commit", {("events", 0): 3}) in journal.entries
+    assert len(processor.store) == 0
+
+
+def test_a_spread_checkpoint_sends_nothing_more_of_lost_partitions(make_loop, journal, clock):
+    loop, source, _ = make_loop(checkpoint_interval_s=1.0, **SPREAD)
+    source.rebalance("assigned", [0, 1])
+    records = event_records([(k, ev(i)) for i, k in enumerate("abcdef")], partitions=2)
+    assert {r.partition for r in records} == {0, 1}
+    source.batches = [records]
+    clock.advance(1.0)
+    loop.run_once()  # one share sent
+    source.rebalance("lost", [1])
+    loop.stop()
+    loop.run()
+    snapshots = [r for r in loop._sink.records if r.topic == "changelog"]
+    assert all(r.partition == 0 for r in snapshots[1:])
+    assert {r.key for r in snapshots} >= {r.key for r in records if r.partition == 0}
+    commits = [offsets for kind, offsets in journal.entries if kind == "commit"]
+    assert commits
+    assert all(partition == 0 for offsets in commits for _, partition in offsets)
