@@ -108,7 +108,7 @@ lock:
 	rm -rf .lock-venv
 	$(PYTHON) -m venv .lock-venv
 	.lock-venv/bin/python -m pip install -q --upgrade pip
-	.lock-venv/bin/python -m pip install -q -e '.[export,test]'
+	.lock-venv/bin/python -m pip install -q -e '.[export,test,fast,bench]'
 	{ echo "# The versions CI installs. Regenerate with: make lock"; \
 	  .lock-venv/bin/python -m pip freeze --exclude-editable | grep -v '^hiddenstate'; } > constraints.txt
 	rm -rf .lock-venv
