@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Protocol
 
@@ -49,6 +50,9 @@ Offsets = Mapping[tuple[str, int], int]
 # before giving it up: then the server stops uncommitted and its restart
 # replays. Bounds the worst drain on SIGTERM (deploy/ sizes the grace period).
 DELIVERY_TIMEOUT_S = 60.0
+
+# How long a freshly created topic may take to show in the broker's metadata.
+TOPIC_VISIBLE_TIMEOUT_S = 10.0
 
 TRANSPORTS = ("kafka-python", "confluent")
 
@@ -205,9 +209,17 @@ class Topics:
             log.info("created topic %s with %d partitions", topic, partitions)
         except TopicAlreadyExistsError:
             pass  # another replica created it between our check and our request
-        count = self.partitions(topic)
-        if count is None:
-            raise KafkaSetupError(f"topic {topic!r} could not be created")
+        # The controller acknowledges the creation before the broker's metadata
+        # cache has it (KRaft propagates it asynchronously): describe until it shows.
+        deadline = time.monotonic() + TOPIC_VISIBLE_TIMEOUT_S
+        while (count := self.partitions(topic)) is None:
+            if time.monotonic() > deadline:
+                raise KafkaSetupError(
+                    f"topic {topic!r} was created but did not appear in the broker's "
+                    f"metadata within {TOPIC_VISIBLE_TIMEOUT_S:.0f} s; check the broker's log "
+                    "or create the topic by hand"
+                )
+            time.sleep(0.1)
         return count
 
     def topic_config(self, topic: str) -> dict[str, str]:
