@@ -52,5 +52,7 @@ def test_a_created_topic_is_returned_once_the_broker_metadata_shows_it(topics):
 
 def test_a_created_topic_that_never_shows_is_an_error_naming_it(topics, monkeypatch):
     monkeypatch.setattr(transport, "TOPIC_VISIBLE_TIMEOUT_S", 0.0)
-    with pytest.raises(KafkaSetupError, match=r"'events\.changelog' was created but did not appear"):
+    with pytest.raises(
+        KafkaSetupError, match=r"'events\.changelog' was created but did not appear"
+    ):
         topics(lag=10**9).ensure("events.changelog", 4)
