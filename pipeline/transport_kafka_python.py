@@ -136,6 +136,10 @@ class KafkaSource:
             )
         except KafkaError as exc:
             raise unreachable(consumer_kwargs.get("bootstrap_servers"), exc) from exc
+        # Learn the topic's partitions before joining the group: a leader whose
+        # metadata does not list them yet assigns nothing, and kafka-python may not
+        # rejoin until the next metadata refresh (dpkp/kafka-python#2377).
+        self._consumer.partitions_for_topic(topic)
         callbacks = {"assigned": on_assigned, "revoked": on_revoked, "lost": on_lost}
         self._consumer.subscribe([topic], listener=_Listener(self._consumer, callbacks))
 
