@@ -40,14 +40,13 @@ def topics(monkeypatch: pytest.MonkeyPatch):
     def make(lag: int) -> transport.Topics:
         admin = LaggingAdmin(lag)
         monkeypatch.setattr(transport, "KafkaAdminClient", lambda **_: admin)
-        monkeypatch.setattr(transport.time, "sleep", lambda _: None)
         return transport.Topics({})
 
     return make
 
 
 def test_a_created_topic_is_returned_once_the_broker_metadata_shows_it(topics):
-    assert topics(lag=5).ensure("events.changelog", 4) == 4
+    assert topics(lag=2).ensure("events.changelog", 4) == 4
 
 
 def test_a_created_topic_that_never_shows_is_an_error_naming_it(topics, monkeypatch):
