@@ -34,7 +34,7 @@ import numpy as np
 from kafka import KafkaConsumer, KafkaProducer
 
 from pipeline.testing import random_weights, write_onnx_step
-from pipeline.transport import Topics
+from pipeline.transport.topics import Topics
 
 STREAMS = 200
 FEATURES = 8

@@ -30,7 +30,8 @@ from pipeline.config import KafkaConfig
 from pipeline.metrics import Metrics
 from pipeline.model_spec import InputSpec, ModelSpec, OutputSpec, StateSpec
 from pipeline.state_store import Snapshot, StateStore
-from pipeline.transport import TRANSPORTS, Topics, open_transport
+from pipeline.transport import TRANSPORTS, open_transport
+from pipeline.transport.topics import Topics
 
 
 def gru_spec(hidden: int, layers: int) -> ModelSpec:

@@ -9,7 +9,7 @@ just to open a text file.
 | --- | --- | --- | --- |
 | `vowels` | classification | 640 utterances, 7 to 29 steps, 12 LPC channels | which of 9 speakers is talking, at every step |
 | `motions` | regression | 80 recordings, 100 steps, 6 channels | next accelerometer and gyroscope reading |
-| `synthetic` | regression | `pipeline.synthetic` devices, 8 sensors | next reading of every sensor |
+| `synthetic` | regression | `pipeline.devtools.synthetic` devices, 8 sensors | next reading of every sensor |
 | `text` | next_token | CPython's documentation topics (`pydoc_data`), 97 characters | next character |
 
 Every set is split by stream, into train, validation and held-out test.
@@ -25,8 +25,8 @@ from pathlib import Path
 
 import numpy as np
 
+from pipeline.devtools.synthetic import SyntheticStreams
 from pipeline.errors import ExportError
-from pipeline.synthetic import SyntheticStreams
 
 DATASETS = ("vowels", "motions", "synthetic", "text")
 
@@ -223,7 +223,7 @@ def load_synthetic(seed: int = 0, streams: int = 480, steps: int = 300) -> Datas
         val=val,
         test=test,
         targets=source.feature_names,
-        description=f"pipeline.synthetic: {streams} devices x {steps} steps, seed {seed}",
+        description=f"pipeline.devtools.synthetic: {streams} devices x {steps} steps, seed {seed}",
     )
 
 

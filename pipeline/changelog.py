@@ -41,7 +41,8 @@ from pipeline.metrics import Metrics
 from pipeline.model_spec import ModelSpec
 from pipeline.records import OutputRecord
 from pipeline.state_store import Rows, Snapshot, StateStore
-from pipeline.transport import ChangelogReader, Topics
+from pipeline.transport import ChangelogReader
+from pipeline.transport.topics import Topics
 
 log = logging.getLogger(__name__)
 

@@ -27,12 +27,20 @@ _BUILTIN: dict[str, tuple[str, str, str]] = {
         "serve a model: one hidden state per stream, one step per event",
     ),
     "produce": (
-        "pipeline.produce",
+        "pipeline.devtools.produce",
         "main",
         "send events to a topic from a file or the synthetic generator",
     ),
-    "watch": ("pipeline.watch", "main", "print predictions from an output topic as they arrive"),
-    "kafka": ("pipeline.local_kafka", "main", "start, stop or check the local Kafka broker"),
+    "watch": (
+        "pipeline.devtools.watch",
+        "main",
+        "print predictions from an output topic as they arrive",
+    ),
+    "kafka": (
+        "pipeline.devtools.local_kafka",
+        "main",
+        "start, stop or check the local Kafka broker",
+    ),
 }
 
 _PLUGIN_GROUP = "hiddenstate.commands"

@@ -104,6 +104,19 @@ class KafkaConfig:
     bootstrap_timeout_ms: int = _setting(
         15_000, "how long to wait for the brokers at start before failing", minimum=100
     )
+    session_timeout_ms: int = _setting(
+        45_000,
+        "consumer group session timeout: a member silent this long (crashed, paused, cut off) "
+        "loses its partitions; a static member (--instance-id) restarted within it keeps them. "
+        "The broker bounds it (group.min/max.session.timeout.ms, by default 6 s to 30 min)",
+        minimum=1000,
+    )
+
+    @property
+    def heartbeat_interval_ms(self) -> int:
+        """Both clients' default of 3 s, or a third of a shorter session timeout: a member
+        must beat several times per session or one late beat evicts it."""
+        return min(3000, self.session_timeout_ms // 3)
 
     def client_kwargs(self) -> dict[str, Any]:
         """Keyword arguments shared by kafka-python's consumer, producer and admin client."""
@@ -137,6 +150,8 @@ class KafkaConfig:
             enable_auto_commit=False,
             auto_offset_reset=self.auto_offset_reset,
             max_poll_records=self.max_poll_records,
+            session_timeout_ms=self.session_timeout_ms,
+            heartbeat_interval_ms=self.heartbeat_interval_ms,
         )
         if self.instance_id:
             kwargs["group_instance_id"] = self.instance_id
@@ -171,6 +186,8 @@ class KafkaConfig:
                 "enable.auto.commit": False,
                 "enable.auto.offset.store": False,
                 "auto.offset.reset": self.auto_offset_reset,
+                "session.timeout.ms": self.session_timeout_ms,
+                "heartbeat.interval.ms": self.heartbeat_interval_ms,
             }
         )
         if self.instance_id:

@@ -25,7 +25,8 @@ from pipeline.loop import LoopSettings, ServeLoop
 from pipeline.metrics import Metrics
 from pipeline.processor import make_processor
 from pipeline.runtime import OrtStepModel
-from pipeline.transport import RebalanceCallback, Source, Topics, open_transport
+from pipeline.transport import RebalanceCallback, Source, open_transport
+from pipeline.transport.topics import Topics
 
 log = logging.getLogger(__name__)
 

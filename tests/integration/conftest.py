@@ -28,7 +28,7 @@ from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.admin import NewTopic
 from prometheus_client.parser import text_string_to_metric_families
 
-from pipeline import local_kafka
+from pipeline.devtools import local_kafka
 from pipeline.errors import LocalKafkaError
 from pipeline.testing import StepWeights, random_weights, write_onnx_step
 

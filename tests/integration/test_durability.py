@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from kafka import KafkaConsumer, TopicPartition
 
-from pipeline import local_kafka
+from pipeline.devtools import local_kafka
 from pipeline.errors import LocalKafkaError
 from pipeline.testing import random_weights, write_onnx_step
 from tests.integration.conftest import KafkaKit, free_port

@@ -287,3 +287,16 @@ def test_the_default_wave_size_shrinks_to_fit_a_small_store():
 def test_the_configuration_page_shows_the_current_settings_table():
     page = (Path(__file__).parents[2] / "docs" / "configuration.md").read_text()
     assert settings_markdown() in page
+
+
+def test_the_session_timeout_reaches_both_clients_with_a_heartbeat_a_third_of_it():
+    kafka = load("--session-timeout-ms", "6000").kafka
+    consumer = kafka.consumer_kwargs()
+    librdkafka = kafka.librdkafka_consumer_config()
+    assert (consumer["session_timeout_ms"], consumer["heartbeat_interval_ms"]) == (6000, 2000)
+    assert (librdkafka["session.timeout.ms"], librdkafka["heartbeat.interval.ms"]) == (6000, 2000)
+
+
+def test_the_default_session_timeout_keeps_the_clients_default_heartbeat():
+    kafka = load(session_timeout_ms="45000").kafka
+    assert kafka.consumer_kwargs()["heartbeat_interval_ms"] == 3000

@@ -1,6 +1,6 @@
 import pytest
 
-from pipeline import local_kafka
+from pipeline.devtools import local_kafka
 from pipeline.errors import LocalKafkaError
 
 

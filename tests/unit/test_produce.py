@@ -8,8 +8,8 @@ import time
 
 import pytest
 
+from pipeline.devtools.produce import file_events, send, synthetic_events
 from pipeline.errors import ConfigError
-from pipeline.produce import file_events, send, synthetic_events
 
 
 class ListProducer:

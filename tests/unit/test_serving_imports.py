@@ -30,7 +30,8 @@ def test_no_pipeline_module_imports_torch_or_export():
 
 
 def test_every_pipeline_module_imports_with_torch_blocked():
-    modules = [f"pipeline.{m.name}" for m in pkgutil.iter_modules([str(PIPELINE)])]
+    modules = [m.name for m in pkgutil.walk_packages([str(PIPELINE)], prefix="pipeline.")]
+    assert "pipeline.transport.base" in modules
     code = (
         "import sys, importlib\n"
         "sys.modules['torch'] = None\n"
@@ -40,3 +41,20 @@ def test_every_pipeline_module_imports_with_torch_blocked():
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
+
+
+def test_the_transport_seam_and_the_loop_import_no_kafka_client():
+    neutral = ["transport/base.py", "transport/__init__.py", "loop.py", "processor.py"]
+    clients = {"kafka", "confluent_kafka"}
+    found = {name: sorted(imported_roots(PIPELINE / name) & clients) for name in neutral}
+    assert found == {name: [] for name in neutral}
+
+
+def test_serve_imports_none_of_the_development_tools():
+    code = (
+        "import sys, pipeline.serve\n"
+        "print(sorted(m for m in sys.modules if m.startswith('pipeline.devtools')))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"

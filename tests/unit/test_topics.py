@@ -7,8 +7,8 @@ from typing import Any
 
 import pytest
 
-from pipeline import transport
 from pipeline.errors import KafkaSetupError
+from pipeline.transport import topics as topics_module
 
 
 class LaggingAdmin:
@@ -37,10 +37,10 @@ class LaggingAdmin:
 
 @pytest.fixture
 def topics(monkeypatch: pytest.MonkeyPatch):
-    def make(lag: int) -> transport.Topics:
+    def make(lag: int) -> topics_module.Topics:
         admin = LaggingAdmin(lag)
-        monkeypatch.setattr(transport, "KafkaAdminClient", lambda **_: admin)
-        return transport.Topics({})
+        monkeypatch.setattr(topics_module, "KafkaAdminClient", lambda **_: admin)
+        return topics_module.Topics({})
 
     return make
 
@@ -50,7 +50,7 @@ def test_a_created_topic_is_returned_once_the_broker_metadata_shows_it(topics):
 
 
 def test_a_created_topic_that_never_shows_is_an_error_naming_it(topics, monkeypatch):
-    monkeypatch.setattr(transport, "TOPIC_VISIBLE_TIMEOUT_S", 0.0)
+    monkeypatch.setattr(topics_module, "TOPIC_VISIBLE_TIMEOUT_S", 0.0)
     with pytest.raises(
         KafkaSetupError, match=r"'events\.changelog' was created but did not appear"
     ):

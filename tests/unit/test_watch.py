@@ -1,5 +1,5 @@
+from pipeline.devtools.watch import describe
 from pipeline.model_spec import OutputSpec
-from pipeline.watch import describe
 
 
 def test_class_probabilities_read_as_the_top_label_and_its_probability():

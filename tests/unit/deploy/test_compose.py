@@ -124,7 +124,7 @@ def test_our_services_run_unprivileged_and_the_server_read_only(compose: dict[st
 def test_the_broker_is_kraft_at_the_version_of_the_local_dev_broker(
     compose: dict[str, Any],
 ) -> None:
-    pom = ElementTree.parse(DOCKER / "kafka" / "pom.xml").getroot()
+    pom = ElementTree.parse(DOCKER.parent / "pipeline" / "devtools" / "kafka" / "pom.xml").getroot()
     namespace = {"m": "http://maven.apache.org/POM/4.0.0"}
     version = pom.findtext("m:properties/m:kafka.version", namespaces=namespace)
     kafka = _service(compose, "kafka")

@@ -1,4 +1,4 @@
-"""pipeline.synthetic: shapes, reproducibility, and the documented trend, season, shifts and spikes."""
+"""pipeline.devtools.synthetic: shapes, reproducibility, and the documented trend, season, shifts and spikes."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline.synthetic import SyntheticStreams
+from pipeline.devtools.synthetic import SyntheticStreams
 
 
 def test_generate_returns_streams_by_steps_by_features_float32() -> None:
@@ -118,6 +118,8 @@ def test_impossible_settings_are_refused(kwargs: dict[str, float]) -> None:
 
 
 def test_generator_module_depends_on_numpy_only() -> None:
-    source = (Path(__file__).resolve().parents[3] / "pipeline" / "synthetic.py").read_text()
+    source = (
+        Path(__file__).resolve().parents[3] / "pipeline" / "devtools" / "synthetic.py"
+    ).read_text()
     imports = set(re.findall(r"^(?:from|import) ([\w.]+)", source, re.MULTILINE))
     assert imports <= {"__future__", "collections.abc", "dataclasses", "numpy"}

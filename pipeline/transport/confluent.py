@@ -11,7 +11,7 @@ How the loop's contract (`pipeline.transport`) maps onto it:
 - Rebalance callbacks (`on_assign`, `on_revoke`, `on_lost`) run inside
   `consume()`/`poll()`/`close()` on the calling thread, i.e. while the serving
   loop waits for records, between two batches: no thread hand-off is needed
-  (kafka-python runs them on its IO thread, see transport_kafka_python.py).
+  (kafka-python runs them on its IO thread, see kafka_python.py).
   Cooperative rebalancing (`cooperative-sticky`): the callbacks get only the
   partitions that move, and the client completes the incremental
   assignment after `on_assign` returns.
@@ -49,7 +49,7 @@ from confluent_kafka import (
 from pipeline.config import KafkaConfig
 from pipeline.errors import DeliveryError, FlushTimeoutError
 from pipeline.records import InputRecord, OutputRecord
-from pipeline.transport import (
+from pipeline.transport.base import (
     DELIVERY_TIMEOUT_S,
     Latest,
     Offsets,

@@ -6,7 +6,7 @@ Events are what `hiddenstate serve` reads: key = stream id, value = JSON
 - a JSON-lines file of `{"key": "...", "value": {...}}` objects, e.g. the
   `holdout-events.jsonl` that `hiddenstate train` writes from held-out real data;
 - `synthetic`: many devices with trend, seasonality, noise, regime shifts and
-  anomalies (pipeline/synthetic.py), for demos and load.
+  anomalies (pipeline/devtools/synthetic.py), for demos and load.
 
 `--rate` paces the sending (events per second, 0 = as fast as the client goes);
 `ts` is stamped at send time unless the event carries one, so the server's
@@ -29,9 +29,9 @@ from typing import Any
 from kafka import KafkaProducer
 from kafka.errors import KafkaError
 
+from pipeline.devtools.synthetic import SyntheticStreams
 from pipeline.errors import ConfigError, KafkaSetupError
-from pipeline.synthetic import SyntheticStreams
-from pipeline.transport import Topics
+from pipeline.transport.topics import Topics
 
 log = logging.getLogger(__name__)
 

@@ -2,7 +2,7 @@
 
 Pure Python: every fetched record is parsed, and every produced one built,
 by the interpreter that also serves the model (FIELD-NOTES: about 3 us to
-parse and 11 us to build a record). `pipeline.transport` has the contract;
+parse and 11 us to build a record). `pipeline.transport.base` has the contract;
 docs/benchmarks.md what it costs next to the `confluent` transport.
 """
 
@@ -22,7 +22,7 @@ from kafka.structs import OffsetAndMetadata
 from pipeline.config import KafkaConfig
 from pipeline.errors import DeliveryError, FlushTimeoutError
 from pipeline.records import InputRecord, OutputRecord
-from pipeline.transport import (
+from pipeline.transport.base import (
     DELIVERY_TIMEOUT_S,
     Latest,
     Offsets,

@@ -1,7 +1,7 @@
 """A real single-node Apache Kafka broker for development and tests.
 
 `hiddenstate kafka start|stop|status` runs Apache Kafka 4.x in KRaft mode on
-127.0.0.1 from the jars Maven copies out of Maven Central (docker/kafka/pom.xml).
+127.0.0.1 from the jars Maven copies out of Maven Central (pipeline/devtools/kafka/pom.xml).
 Everything lives in one folder (`.kafka/` in the checkout, or
 $HIDDENSTATE_KAFKA_HOME): `libs/` (jars), `data/` (formatted log dirs),
 `server.properties`, `broker.log`, `broker.pid`.
@@ -28,8 +28,9 @@ from pathlib import Path
 
 from pipeline.errors import LocalKafkaError
 
-_REPO_ROOT = Path(__file__).resolve().parent.parent
-_KAFKA_FILES = _REPO_ROOT / "docker" / "kafka"
+# The broker's Maven pom and log configuration ship inside the package (package data).
+_KAFKA_FILES = Path(__file__).resolve().parent / "kafka"
+_REPO_ROOT = Path(__file__).resolve().parents[2]
 _MIN_JAVA = 17
 
 

@@ -1,0 +1,11 @@
+"""Development tools: not the server, but what a developer runs beside it.
+
+- `local_kafka`: `hiddenstate kafka start|stop|status`, a single-node broker
+  from Maven Central (its pom ships in `devtools/kafka/` as package data);
+- `produce`: `hiddenstate produce`, events onto a topic from a file or the
+  synthetic fleet;
+- `watch`: `hiddenstate watch`, predictions as they arrive;
+- `synthetic`: the synthetic fleet of devices (demos, load and training data).
+
+`hiddenstate serve` imports none of these.
+"""
