@@ -11,7 +11,11 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
+# The deployment tools, built from the Go module proxy into $(TOOLS) (tests/unit/deploy).
+TOOLS := .tools
 KUSTOMIZE_VERSION ?= v5.8.0
+KUBECONFORM_VERSION ?= v0.8.0
+KUBE_SCORE_VERSION ?= v1.20.0
 
 .PHONY: demo setup tools test lint unit integration bench kafka-start kafka-stop lock clean
 
@@ -32,24 +36,37 @@ setup: $(STAMP) tools
 
 # Programs the deployment tests run (tests/unit/deploy, tests/integration/test_prometheus.py):
 # Prometheus and promtool from Debian's `prometheus` package (installed here when run as
-# root, else named), and kustomize, built from the Go module proxy into $(BIN).
-tools: $(VENV)/.kustomize-$(KUSTOMIZE_VERSION)
+# root, else named), and kustomize, kubeconform and kube-score, built with the machine's
+# Go from the Go module proxy into $(TOOLS) (about a minute each, cold).
+tools: $(TOOLS)/.kustomize-$(KUSTOMIZE_VERSION) $(TOOLS)/.kubeconform-$(KUBECONFORM_VERSION) \
+       $(TOOLS)/.kube-score-$(KUBE_SCORE_VERSION)
 	@if ! command -v prometheus >/dev/null || ! command -v promtool >/dev/null; then
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
 	    apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q prometheus
 	  else
-	    echo "make setup: the deployment tests need prometheus and promtool:" \
+	    echo "make tools: the deployment tests need prometheus and promtool:" \
 	      "sudo apt-get install prometheus (Debian/Ubuntu)" >&2
 	  fi
 	fi
 
-$(VENV)/.kustomize-$(KUSTOMIZE_VERSION): | $(STAMP)
+# $(call go-tool,module@version): go install into $(TOOLS), or say what is missing.
+define go-tool
 	@if command -v go >/dev/null; then
-	  GOBIN=$(abspath $(BIN)) go install sigs.k8s.io/kustomize/kustomize/v5@$(KUSTOMIZE_VERSION)
+	  mkdir -p $(TOOLS) && GOBIN=$(abspath $(TOOLS)) go install $(1)
 	  touch $@
 	else
-	  echo "make setup: the deployment tests need kustomize: install Go, then make setup" >&2
+	  echo "make tools: the deployment tests need $(1): install Go, then make tools" >&2
 	fi
+endef
+
+$(TOOLS)/.kustomize-$(KUSTOMIZE_VERSION):
+	$(call go-tool,sigs.k8s.io/kustomize/kustomize/v5@$(KUSTOMIZE_VERSION))
+
+$(TOOLS)/.kubeconform-$(KUBECONFORM_VERSION):
+	$(call go-tool,github.com/yannh/kubeconform/cmd/kubeconform@$(KUBECONFORM_VERSION))
+
+$(TOOLS)/.kube-score-$(KUBE_SCORE_VERSION):
+	$(call go-tool,github.com/zegl/kube-score/cmd/kube-score@$(KUBE_SCORE_VERSION))
 
 lint: setup
 	$(BIN)/ruff check pipeline export tests bench
@@ -114,4 +131,4 @@ lock:
 	rm -rf .lock-venv
 
 clean:
-	rm -rf $(VENV) .kafka artifacts .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) $(TOOLS) .kafka artifacts .pytest_cache .mypy_cache .ruff_cache

@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import importlib
 import logging
+import os
 import sys
 from collections.abc import Callable
 from importlib.metadata import entry_points
 
+from pipeline import logs
 from pipeline.errors import HiddenstateError
 
 CommandMain = Callable[[list[str]], int]
@@ -85,12 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args or args[0] in ("-h", "--help", "help"):
         print(_usage())
         return 0 if args else 2
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
-    # Libraries that narrate every connection or graph pass at INFO; warnings still show.
-    for chatty in ("kafka", "onnx_ir", "onnxscript", "torch"):
-        logging.getLogger(chatty).setLevel(logging.WARNING)
+    logs.configure(logs.requested_format(args[1:], os.environ), logging.INFO)
     try:
         command = _resolve(args[0])
         if command is None:
@@ -98,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         return command(args[1:])
     except HiddenstateError as exc:
-        print(f"hiddenstate {args[0]}: error: {exc}", file=sys.stderr)
+        logs.report_error(f"hiddenstate {args[0]}: error: {exc}")
         return 1
     except KeyboardInterrupt:
         return 130

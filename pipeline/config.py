@@ -267,6 +267,12 @@ class ObservabilityConfig:
         60.0, "/healthz fails when the loop has not beaten for this long", minimum=1
     )
     log_level: str = _setting("INFO", "log level", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
+    log_format: str = _setting(
+        "text",
+        "log lines: text for people, or json (one object per line, the start-up "
+        "configuration as one record) for log collectors",
+        choices=("text", "json"),
+    )
 
 
 _SECTIONS: dict[str, type] = {

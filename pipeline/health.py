@@ -1,30 +1,35 @@
 """The HTTP endpoint on the metrics port: `/metrics`, `/healthz`, `/readyz`.
 
-- `/metrics`: the Prometheus exposition of the server's registry.
+- `/metrics`: the Prometheus exposition of the server's registry, served by
+  prometheus-client's own WSGI app: OpenMetrics when the scraper asks for it,
+  gzip when it accepts it, `?name[]=...` to fetch only some families.
 - `/healthz` (liveness): 200 while the Kafka loop has beaten within
-  `liveness_timeout_seconds`. Only a stuck loop fails it: a broker outage
-  does not, since the loop keeps polling (and beating) while the broker is
-  away, and restarting the pod would not bring the broker back.
+  `liveness_timeout_seconds`, or a changelog restore is running. Only a stuck
+  loop fails it: a broker outage does not, since the loop keeps polling (and
+  beating) while the broker is away, and restarting the pod would not bring
+  the broker back.
 - `/readyz` (readiness): 200 only when the consumer has partitions assigned
   and no changelog restore is running.
 
-The loop reports through a `LoopState` (`beat()`, `set_assigned()`,
-`set_restoring()`); the server runs in a daemon thread and only reads it.
+Every path answers HEAD like GET, without the body. The loop reports
+through a `LoopState` (`beat()`, `set_assigned()`, `set_restoring()`); the
+server runs in a daemon thread (one more per request) and only reads it.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import socket
 import threading
 import time
-from collections.abc import Callable
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from collections.abc import Callable, Iterable
 from types import TracebackType
 from typing import Any
+from wsgiref.simple_server import WSGIRequestHandler, make_server
 
-from prometheus_client import CollectorRegistry
-from prometheus_client.exposition import choose_encoder
+from prometheus_client import CollectorRegistry, make_wsgi_app
+from prometheus_client.exposition import ThreadingWSGIServer
 
 from pipeline.errors import ConfigError
 from pipeline.settings import who
@@ -60,11 +65,15 @@ class LoopState:
         self._restoring = restoring
 
     def live(self) -> tuple[bool, dict[str, Any]]:
-        """Liveness and why: the age of the last heartbeat against the timeout."""
+        """Liveness and why: the age of the last heartbeat against the timeout. A restore
+        counts as alive however long it takes: it is work, reading the changelog (slow
+        when the changelog is large, waiting when the broker is away), and a restart
+        would only begin it again. Readiness stays down meanwhile."""
         age = self._clock() - self._last_beat
-        return age <= self._timeout, {
+        return age <= self._timeout or self._restoring, {
             "last_beat_seconds_ago": round(age, 3),
             "timeout_seconds": self._timeout,
+            "restoring": self._restoring,
         }
 
     def ready(self) -> tuple[bool, dict[str, Any]]:
@@ -73,6 +82,11 @@ class LoopState:
             "assigned_partitions": self._assigned,
             "restoring": self._restoring,
         }
+
+
+Environ = dict[str, Any]
+StartResponse = Callable[..., Any]
+WsgiApp = Callable[[Environ, StartResponse], Iterable[bytes]]
 
 
 class HealthServer:
@@ -89,11 +103,10 @@ class HealthServer:
         port: int = 9108,
         poll_interval: float = 0.5,
     ) -> None:
-        self._registry = registry
+        self._app = health_app(registry, state)
         self._poll_interval = poll_interval  # how fast `stop` is noticed
-        self._state = state
         self._address = (host, port)
-        self._server: ThreadingHTTPServer | None = None
+        self._server: ThreadingWSGIServer | None = None
         self._thread: threading.Thread | None = None
 
     @property
@@ -105,16 +118,15 @@ class HealthServer:
 
     def start(self) -> HealthServer:
         """Bind and serve in the background; a ConfigError names the setting if the port is taken."""
-        handler = _handler_for(self._registry, self._state)
+        host, port = self._address
         try:
-            self._server = ThreadingHTTPServer(self._address, handler)
+            server_class = _server_class_for(host, port)
+            self._server = make_server(host, port, self._app, server_class, _QuietHandler)
         except OSError as exc:
-            host, port = self._address
             raise ConfigError(
                 f"{who('metrics_port')}: cannot listen on "
                 f"{host}:{port} ({exc.strerror or exc}); choose a free port"
             ) from exc
-        self._server.daemon_threads = True
         self._thread = threading.Thread(
             target=self._server.serve_forever,
             args=(self._poll_interval,),
@@ -122,11 +134,7 @@ class HealthServer:
             daemon=True,
         )
         self._thread.start()
-        log.info(
-            "metrics and health on http://%s:%d/ (metrics, healthz, readyz)",
-            self._address[0],
-            self.port,
-        )
+        log.info("metrics and health on http://%s:%d/ (metrics, healthz, readyz)", host, self.port)
         return self
 
     def stop(self) -> None:
@@ -151,29 +159,52 @@ class HealthServer:
         self.stop()
 
 
-def _handler_for(registry: CollectorRegistry, state: LoopState) -> type[BaseHTTPRequestHandler]:
-    class Handler(BaseHTTPRequestHandler):
-        def do_GET(self) -> None:
-            path = self.path.split("?", 1)[0]
-            if path == "/metrics":
-                encoder, content_type = choose_encoder(self.headers.get("Accept", ""))
-                self._send(200, encoder(registry), content_type)
-            elif path in ("/healthz", "/readyz"):
-                ok, detail = state.live() if path == "/healthz" else state.ready()
-                body = json.dumps({"ok": ok, **detail}).encode()
-                self._send(200 if ok else 503, body, "application/json")
-            else:
-                self._send(404, b"not found: try /metrics, /healthz, /readyz\n", "text/plain")
+def health_app(registry: CollectorRegistry, state: LoopState) -> WsgiApp:
+    """The WSGI app behind the port: `/metrics` to prometheus-client, the rest here."""
+    metrics = make_wsgi_app(registry)
 
-        def _send(self, status: int, body: bytes, content_type: str) -> None:
-            self.send_response(status)
-            self.send_header("Content-Type", content_type)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
+    def app(environ: Environ, start_response: StartResponse) -> Iterable[bytes]:
+        head = environ["REQUEST_METHOD"] == "HEAD"
+        if head:
+            # prometheus-client answers GET only; HEAD is GET without the body.
+            environ = {**environ, "REQUEST_METHOD": "GET"}
+        path = environ.get("PATH_INFO", "")
+        if path == "/metrics":
+            answered: list[tuple[str, list[tuple[str, str]]]] = []
+            body = b"".join(metrics(environ, lambda *answer: answered.append(answer[:2])))
+            ((status, headers),) = answered
+            start_response(status, [*headers, ("Content-Length", str(len(body)))])
+        elif path in ("/healthz", "/readyz"):
+            ok, detail = state.live() if path == "/healthz" else state.ready()
+            body = json.dumps({"ok": ok, **detail}).encode()
+            _respond(start_response, "200 OK" if ok else "503 Service Unavailable", body)
+        else:
+            body = b"not found: try /metrics, /healthz, /readyz\n"
+            _respond(start_response, "404 Not Found", body, "text/plain")
+        # One empty write sends the headers as they are, Content-Length included.
+        return [b"" if head else body]
 
-        def log_message(self, format: str, *args: Any) -> None:
-            # Probes hit these every few seconds: keep them out of the info log.
-            log.debug("%s %s", self.address_string(), format % args)
+    return app
 
-    return Handler
+
+def _respond(
+    start_response: StartResponse, status: str, body: bytes, content_type: str = "application/json"
+) -> None:
+    start_response(status, [("Content-Type", content_type), ("Content-Length", str(len(body)))])
+
+
+def _server_class_for(host: str, port: int) -> type[ThreadingWSGIServer]:
+    """prometheus-client's threading WSGI server, in the address family of `host` (an
+    IPv6 address needs AF_INET6; the server class defaults to IPv4)."""
+    family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0][0]
+
+    class Server(ThreadingWSGIServer):
+        address_family = family
+
+    return Server
+
+
+class _QuietHandler(WSGIRequestHandler):
+    def log_message(self, format: str, *args: Any) -> None:
+        # Probes hit these every few seconds: keep them out of the info log.
+        log.debug("%s %s", self.address_string(), format % args)

@@ -30,7 +30,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-from pipeline.errors import FlushTimeoutError
+from pipeline.errors import DeliveryError, FlushTimeoutError
 from pipeline.health import LoopState
 from pipeline.metrics import Metrics
 from pipeline.records import BatchResult, InputRecord, OutputRecord
@@ -201,6 +201,9 @@ class ServeLoop:
             except FlushTimeoutError:
                 self._health.beat()
                 log.warning("outputs not acknowledged yet; still waiting for the broker")
+            except DeliveryError:
+                self._metrics.count_delivery_error()
+                raise
 
     def _checkpoint_due(self) -> bool:
         by_events = self._settings.checkpoint_interval_events
@@ -281,6 +284,7 @@ class ServeLoop:
             return
         self._spread = None
         if not self._source.commit(spread.offsets):
+            self._metrics.count_commit_failure()
             # Rebalancing: retry with the next checkpoint. Offsets taken since are newer.
             self._pending_offsets = {**spread.offsets, **self._pending_offsets}
             return
@@ -288,6 +292,7 @@ class ServeLoop:
 
     def _on_assigned(self, partitions: list[int]) -> None:
         log.info("assigned input partitions %s", partitions)
+        self._metrics.count_rebalance("assigned")
         if self._checkpointer is not None:
             self._health.set_restoring(True)
             try:
@@ -299,6 +304,7 @@ class ServeLoop:
 
     def _on_revoked(self, partitions: list[int]) -> None:
         log.info("giving up input partitions %s", partitions)
+        self._metrics.count_rebalance("revoked")
         try:
             self._checkpoint()
         except Exception:
@@ -318,6 +324,7 @@ class ServeLoop:
         group): another member may own them already, so nothing may be written for
         them. Their streams are dropped; the owner replays from the last commit."""
         log.warning("lost input partitions %s: dropping their streams unwritten", partitions)
+        self._metrics.count_rebalance("lost")
         dropped = sum(self._processor.store.drop_partition(p) for p in partitions)
         self._pending_offsets = {
             tp: offset for tp, offset in self._pending_offsets.items() if tp[1] not in partitions

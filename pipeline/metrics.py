@@ -3,7 +3,10 @@
 One prefix (`hiddenstate_`), Prometheus naming (base units, `_total`,
 `_seconds`, `_bytes`, `_info`), bounded labels only: never a stream id.
 All metrics live on the `CollectorRegistry` passed in, so each test can use
-a fresh one and the server one of its own (no global default registry).
+a fresh one and the server one of its own (no global default registry). The
+same registry also carries prometheus-client's process and platform
+collectors (`process_*`: RSS, CPU seconds, start time, open files;
+`python_info`), which the default registry would have and a custom one lacks.
 
 Histograms are `BatchHistogram`s: the same exposition as prometheus-client's
 `Histogram`, but one call can record a whole wave (`observe(value, count)`,
@@ -19,9 +22,17 @@ from collections.abc import Iterable, Sequence
 
 import numpy as np
 from numpy.typing import ArrayLike
-from prometheus_client import CollectorRegistry, Counter, Gauge, Info
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Info,
+    PlatformCollector,
+    ProcessCollector,
+)
 from prometheus_client.core import HistogramMetricFamily, Metric
 
+from pipeline import __version__
 from pipeline.codec import REASONS
 from pipeline.model_spec import ModelSpec
 
@@ -31,6 +42,10 @@ SNAPSHOT_KINDS = ("state", "tombstone")
 # Why a changelog snapshot was not applied: another model identity or state
 # spec (a model roll-out), or bytes that are not a snapshot at all.
 DISCARD_REASONS = ("incompatible_model", "malformed")
+# What a rebalance did to this consumer: partitions given to it, taken back in
+# order (revoked: it checkpoints first), or taken away without notice (lost:
+# it was evicted from the group, nothing may be written for them).
+REBALANCE_KINDS = ("assigned", "revoked", "lost")
 # Sub-millisecond steps up to slow, multi-second stalls.
 LATENCY_BUCKETS = (
     50e-6,
@@ -179,6 +194,24 @@ class Metrics:
             ["reason"],
             registry=registry,
         )
+        self.rebalances = Counter(
+            p + "rebalances",
+            "Rebalance callbacks that moved partitions, by kind (assigned, revoked, lost).",
+            ["kind"],
+            registry=registry,
+        )
+        self.commit_failures = Counter(
+            p + "commit_failures",
+            "Offset commits the group did not accept (rebalancing, coordinator away); "
+            "the offsets go with the next checkpoint.",
+            registry=registry,
+        )
+        self.delivery_errors = Counter(
+            p + "delivery_errors",
+            "Flushes that found an output record Kafka refused for good (after the "
+            "producer's delivery timeout); the server then stops uncommitted.",
+            registry=registry,
+        )
         # -- histograms
         self.inference_seconds = BatchHistogram(
             p + "inference_seconds",
@@ -244,6 +277,10 @@ class Metrics:
             registry=registry,
         )
         self.model = Info(p + "model", "The model being served.", registry=registry)
+        self.build = Info(p + "build", "The hiddenstate release serving.", registry=registry)
+        self.build.info({"version": __version__})
+        ProcessCollector(registry=registry)
+        PlatformCollector(registry=registry)
         # Every label value exists from the start, so rate() sees the first increment.
         for reason in REASONS:
             self.dead_letters.labels(reason)
@@ -253,6 +290,8 @@ class Metrics:
             self.snapshots_written.labels(kind)
         for reason in DISCARD_REASONS:
             self.snapshots_discarded.labels(reason)
+        for kind in REBALANCE_KINDS:
+            self.rebalances.labels(kind)
 
     def set_model(self, spec: ModelSpec, *, device: str, provider: str, fallback: bool) -> None:
         """Publish what is served and where (`hiddenstate_model_info`, `..._device_fallback`)."""
@@ -272,6 +311,22 @@ class Metrics:
     def count_eviction(self, cause: str, count: int) -> None:
         """Count evictions; the state store's `on_evict` callback."""
         self.evictions.labels(cause).inc(count)
+
+    def count_rebalance(self, kind: str) -> None:
+        """Count one rebalance callback that moved partitions: `assigned`, `revoked`, `lost`."""
+        if kind not in REBALANCE_KINDS:
+            raise ValueError(
+                f"unknown rebalance kind {kind!r}: expected one of {', '.join(REBALANCE_KINDS)}"
+            )
+        self.rebalances.labels(kind).inc()
+
+    def count_commit_failure(self) -> None:
+        """Count an offset commit the group refused for now (the loop retries it later)."""
+        self.commit_failures.inc()
+
+    def count_delivery_error(self) -> None:
+        """Count a flush that found an output record Kafka gave up on."""
+        self.delivery_errors.inc()
 
     def observe_end_to_end(self, event_times_ms: Sequence[int], acked_at: float) -> None:
         """Record event time -> acknowledgement for predictions acknowledged at `acked_at`

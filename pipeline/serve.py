@@ -18,7 +18,7 @@ from types import FrameType
 
 from prometheus_client import CollectorRegistry
 
-from pipeline import changelog
+from pipeline import changelog, logs
 from pipeline.config import ServeConfig, load_config
 from pipeline.health import HealthServer, LoopState
 from pipeline.loop import LoopSettings, ServeLoop
@@ -140,7 +140,10 @@ def _transactional_id(config: ServeConfig) -> str:
 def main(argv: list[str]) -> int:
     """`hiddenstate serve`: every setting is a flag or a HIDDENSTATE_* variable (--help)."""
     config = load_config(argv, os.environ)
-    logging.getLogger().setLevel(config.observability.log_level)
-    log.info("starting with\n%s", config.describe())
+    logs.configure(config.observability.log_format, config.observability.log_level)
+    if config.observability.log_format == "json":
+        log.info("starting", extra={"config": config.redacted(), "sources": dict(config.sources)})
+    else:
+        log.info("starting with\n%s", config.describe())
     run(config)
     return 0

@@ -6,7 +6,8 @@ serve` as a subprocess on a real ONNX model (`pipeline.testing.write_onnx_step`)
 `hiddenstate produce --source synthetic` sending about 300 events/s plus a few bad events
 for the dead-letter series, and Debian's `prometheus` binary on loopback (free port,
 temporary data folder, 1 s scrapes and rule evaluations, the alert rules of
-docker/prometheus/rules.yml loaded). A missing `prometheus` or `promtool` fails the tests.
+docker/prometheus/rules.yml loaded, the target labelled with the namespace and pod a
+PodMonitor would give it). A missing `prometheus` or `promtool` fails the tests.
 """
 
 from __future__ import annotations
@@ -30,14 +31,23 @@ import pytest
 import yaml
 
 from pipeline.testing import random_weights, write_onnx_step
-from tests.unit.deploy.promql import RULES, alert_probe, alert_rules, dashboard_queries
+from tests.unit.deploy.promql import (
+    KUBERNETES_METRICS,
+    RULES,
+    alert_probe,
+    alert_rules,
+    dashboard_queries,
+    metric_names,
+)
 from tests.unit.deploy.tools import REPO, require
 
 if TYPE_CHECKING:
     from tests.integration.conftest import KafkaKit
 
 JOB = "hiddenstate"
-GRAFANA_VARIABLES = {"__rate_interval": "30s", "job": JOB, "instance": ".+"}
+# What the PodMonitor adds on Kubernetes (and docker/prometheus/prometheus.yml in compose).
+TARGET_LABELS = {"namespace": "prom-test", "pod": "hiddenstate-0"}
+GRAFANA_VARIABLES = {"__rate_interval": "30s", "job": JOB, "namespace": ".+", "pod": ".+"}
 BAD_EVENTS = {"not_json": 4, "feature_count": 3, "missing_key": 2}
 MODEL_NAME = "prom-gru"
 
@@ -161,7 +171,12 @@ def stack(
             "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
             "rule_files": [str(RULES)],
             "scrape_configs": [
-                {"job_name": JOB, "static_configs": [{"targets": [f"127.0.0.1:{metrics_port}"]}]}
+                {
+                    "job_name": JOB,
+                    "static_configs": [
+                        {"targets": [f"127.0.0.1:{metrics_port}"], "labels": TARGET_LABELS}
+                    ],
+                }
             ],
         }
         (tmp / "prometheus.yml").write_text(yaml.safe_dump(config))
@@ -222,13 +237,38 @@ def test_latency_and_wave_size_quantiles_are_finite_under_load(stack: Stack) -> 
     assert {name: v for name, v in quantiles.items() if not 0 < v < math.inf} == {}
 
 
-def test_every_alert_expression_returns_data(stack: Stack) -> None:
-    empty = [
-        f"{rule['alert']}: {alert_probe(rule['expr'])}"
-        for rule in alert_rules()
-        if not stack.query(alert_probe(rule["expr"]))
+def _on_kubernetes_metrics(rule: dict[str, Any]) -> bool:
+    """Alerts that read kube-state-metrics or cAdvisor, which this stack does not run
+    (their firing and silent cases are promtool's: tests/unit/deploy)."""
+    return bool(metric_names(rule["expr"]) & set(KUBERNETES_METRICS))
+
+
+def test_every_alert_expression_on_the_servers_metrics_returns_data(stack: Stack) -> None:
+    probed = [
+        r
+        for r in alert_rules()
+        if not _on_kubernetes_metrics(r) and not r["expr"].startswith("absent(")
     ]
+    empty = [
+        f"{r['alert']}: {alert_probe(r['expr'])}"
+        for r in probed
+        if not stack.query(alert_probe(r["expr"]))
+    ]
+    assert len(probed) == len(alert_rules()) - 3  # absence (below), restarts, memory
     assert empty == []
+
+
+def test_the_absence_alert_is_silent_while_the_server_is_scraped(stack: Stack) -> None:
+    (absence,) = [r for r in alert_rules() if r["expr"].startswith("absent(")]
+    assert stack.query(absence["expr"]) == []
+    assert stack.value(f'up{{job="{JOB}"}}') == 1
+
+
+def test_the_target_carries_the_namespace_and_pod_the_rules_and_dashboard_name(
+    stack: Stack,
+) -> None:
+    (up,) = stack.query(f'up{{job="{JOB}"}}')
+    assert {k: up["metric"][k] for k in TARGET_LABELS} == TARGET_LABELS
 
 
 def test_prometheus_evaluates_every_alert_rule_without_error(stack: Stack) -> None:

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from pipeline.errors import FlushTimeoutError
+from pipeline.errors import DeliveryError, FlushTimeoutError
 from pipeline.health import LoopState
 from pipeline.loop import LoopSettings, ServeLoop
 from pipeline.records import InputRecord, OutputRecord
@@ -364,3 +364,39 @@ def test_a_spread_checkpoint_sends_nothing_more_of_lost_partitions(make_loop, jo
     commits = [offsets for kind, offsets in journal.entries if kind == "commit"]
     assert commits
     assert all(partition == 0 for offsets in commits for _, partition in offsets)
+
+
+def test_each_rebalance_callback_is_counted_by_its_kind(make_loop, metrics):
+    _, source, _ = make_loop()
+    source.rebalance("assigned", [0, 1])
+    source.rebalance("revoked", [1])
+    source.rebalance("lost", [0])
+    source.rebalance("assigned", [0])
+    counts = {
+        kind: metrics.registry.get_sample_value("hiddenstate_rebalances_total", {"kind": kind})
+        for kind in ("assigned", "revoked", "lost")
+    }
+    assert counts == {"assigned": 2, "revoked": 1, "lost": 1}
+
+
+def test_a_deferred_commit_is_counted_as_a_commit_failure(make_loop, metrics, clock):
+    loop, source, _ = make_loop(checkpoint_interval_s=1.0)
+    source.defer_commits = 1
+    source.batches = [event_records([("a", ev(1))])]
+    clock.advance(1.0)
+    loop.run_once()
+    assert metrics.registry.get_sample_value("hiddenstate_commit_failures_total") == 1
+
+
+def test_a_refused_output_is_counted_before_the_loop_stops(make_loop, metrics):
+    loop, source, _ = make_loop()
+    sink = loop._sink
+
+    def refuse(timeout_s: float) -> None:
+        raise DeliveryError("Kafka refused an output record: MessageSizeTooLarge")
+
+    sink.flush = refuse
+    source.batches = [event_records([("a", ev(1))])]
+    with pytest.raises(DeliveryError, match="MessageSizeTooLarge"):
+        loop.run_once()
+    assert metrics.registry.get_sample_value("hiddenstate_delivery_errors_total") == 1

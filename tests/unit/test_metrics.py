@@ -1,10 +1,12 @@
+import importlib.metadata
+
 import numpy as np
 import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from pipeline.codec import REASONS
-from pipeline.metrics import BatchHistogram, Metrics
+from pipeline.metrics import REBALANCE_KINDS, BatchHistogram, Metrics
 from pipeline.testing import random_weights
 
 ALLOWED_LABELS = {
@@ -30,12 +32,17 @@ def sample(registry, metric, **labels):
     return registry.get_sample_value(metric, labels)
 
 
-def test_every_metric_has_the_hiddenstate_prefix(metrics):
-    assert all(name.startswith("hiddenstate_") for name in families(metrics.registry))
+def test_every_metric_is_ours_or_from_the_process_and_platform_collectors(metrics):
+    foreign = {n for n in families(metrics.registry) if not n.startswith("hiddenstate_")}
+    assert {n for n in foreign if not n.startswith("process_")} == {"python_info"}
 
 
 def test_the_exposition_has_every_declared_metric(metrics):
-    names = {n for n in families(metrics.registry) if not n.endswith("_created")}
+    names = {
+        n
+        for n in families(metrics.registry)
+        if n.startswith("hiddenstate_") and not n.endswith("_created")
+    }
     assert names == {
         "hiddenstate_events",
         "hiddenstate_predictions",
@@ -56,8 +63,12 @@ def test_the_exposition_has_every_declared_metric(metrics):
         "hiddenstate_snapshots_written",
         "hiddenstate_restored_streams",
         "hiddenstate_snapshots_discarded",
+        "hiddenstate_rebalances",
+        "hiddenstate_commit_failures",
+        "hiddenstate_delivery_errors",
         "hiddenstate_device_fallback",
         "hiddenstate_model_info",
+        "hiddenstate_build_info",
     }
 
 
@@ -71,7 +82,13 @@ def test_no_label_can_hold_a_stream_id(metrics):
     metrics.set_model(
         random_weights().spec, device="cpu", provider="CPUExecutionProvider", fallback=False
     )
-    labels = {k for f in families(metrics.registry).values() for s in f.samples for k in s.labels}
+    labels = {
+        k
+        for name, f in families(metrics.registry).items()
+        if name.startswith("hiddenstate_")
+        for s in f.samples
+        for k in s.labels
+    }
     assert labels - {"le"} <= ALLOWED_LABELS
 
 
@@ -179,3 +196,42 @@ def test_latency_buckets_reach_from_50_microseconds_to_5_seconds(metrics):
         if "le" in s.labels
     ]
     assert (bounds[0], bounds[-2], bounds[-1]) == ("5e-05", "5.0", "+Inf")
+
+
+def test_the_process_collector_reports_memory_cpu_and_start_time(metrics):
+    registry = metrics.registry
+    assert sample(registry, "process_resident_memory_bytes") > 0
+    assert sample(registry, "process_cpu_seconds_total") >= 0
+    assert sample(registry, "process_start_time_seconds") > 1.6e9
+
+
+def test_build_info_carries_the_installed_version(metrics):
+    version = importlib.metadata.version("hiddenstate")
+    assert sample(metrics.registry, "hiddenstate_build_info", version=version) == 1
+
+
+def test_every_rebalance_kind_starts_at_zero(metrics):
+    for kind in REBALANCE_KINDS:
+        assert sample(metrics.registry, "hiddenstate_rebalances_total", kind=kind) == 0
+
+
+def test_count_rebalance_adds_one_to_its_kind(metrics):
+    metrics.count_rebalance("lost")
+    metrics.count_rebalance("lost")
+    assert sample(metrics.registry, "hiddenstate_rebalances_total", kind="lost") == 2
+    assert sample(metrics.registry, "hiddenstate_rebalances_total", kind="assigned") == 0
+
+
+def test_an_unknown_rebalance_kind_is_refused_and_named(metrics):
+    with pytest.raises(ValueError, match="unknown rebalance kind 'moved': expected one of"):
+        metrics.count_rebalance("moved")
+
+
+def test_count_commit_failure_adds_one(metrics):
+    metrics.count_commit_failure()
+    assert sample(metrics.registry, "hiddenstate_commit_failures_total") == 1
+
+
+def test_count_delivery_error_adds_one(metrics):
+    metrics.count_delivery_error()
+    assert sample(metrics.registry, "hiddenstate_delivery_errors_total") == 1

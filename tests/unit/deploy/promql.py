@@ -7,7 +7,9 @@
   an empty answer then means a selector or a join matched nothing, never that the
   alert is quiet;
 - `metric_names(expr)` and `exported_metric_names()`: what a query names, and what the
-  server exports (`pipeline.metrics`).
+  server exports (`pipeline.metrics`, with prometheus-client's process and platform
+  collectors); `KUBERNETES_METRICS`: what the Kubernetes-only alerts read from the rest of
+  kube-prometheus-stack.
 """
 
 from __future__ import annotations
@@ -24,11 +26,22 @@ from prometheus_client import CollectorRegistry
 from pipeline.metrics import Metrics
 
 REPO = Path(__file__).resolve().parents[3]
-DASHBOARD = REPO / "docker" / "grafana" / "dashboards" / "hiddenstate.json"
+DASHBOARD = REPO / "deploy" / "components" / "grafana-dashboard" / "hiddenstate.json"
 RULES = REPO / "docker" / "prometheus" / "rules.yml"
 RULE_TESTS = REPO / "docker" / "prometheus" / "rules.test.yml"
 
-_METRIC = re.compile(r"\bhiddenstate_[a-z_]+\b")
+# Series that Prometheus itself records for every target.
+PROMETHEUS_METRICS = {"up"}
+# Series of kube-prometheus-stack's other exporters that the Kubernetes-only alerts read.
+KUBERNETES_METRICS = {
+    "kube_pod_container_status_restarts_total": "kube-state-metrics",
+    "kube_pod_container_resource_limits": "kube-state-metrics",
+    "container_memory_working_set_bytes": "the kubelet's cAdvisor",
+}
+_STRING = re.compile(r"\"(?:[^\"\\]|\\.)*\"|'(?:[^'\\]|\\.)*'")
+_LABEL_LIST = re.compile(r"\b(?:by|without|on|ignoring|group_left|group_right)\s*\([^)]*\)")
+_WORD = re.compile(r"(?<![\w.])[A-Za-z_:][A-Za-z0-9_:]*")
+_OPERATORS = {"and", "or", "unless", "bool", "offset", "by", "without", "on", "ignoring"}
 _LABEL_VALUES = re.compile(r"^label_values\((?P<metric>.+),\s*(?P<label>\w+)\)$")
 _COMPARISON = re.compile(r"==|!=|>=|<=|>|<")
 
@@ -119,8 +132,17 @@ def alert_probe(expr: str) -> str:
 
 
 def metric_names(expr: str) -> set[str]:
-    """The hiddenstate_* series names a query selects."""
-    return set(_METRIC.findall(expr))
+    """The metric names a PromQL query selects: every word that is not a function or
+    aggregation (followed by a parenthesis), an operator, a label name or a string."""
+    text = _STRING.sub('""', expr)
+    text = re.sub(r"\{[^}]*\}", "", text)  # label matchers
+    text = re.sub(r"\[[^\]]*\]", "", text)  # ranges and subqueries
+    text = _LABEL_LIST.sub("", text)
+    return {
+        word.group()
+        for word in _WORD.finditer(text)
+        if word.group() not in _OPERATORS and not text[word.end() :].lstrip().startswith("(")
+    }
 
 
 def exported_metric_names() -> set[str]:
@@ -137,12 +159,14 @@ def exported_metric_names() -> set[str]:
 
 
 def exported_families() -> set[str]:
-    """Metric family names as Prometheus users know them (`hiddenstate_events_total`,
-    `hiddenstate_model_info`, `hiddenstate_inference_seconds`, ...)."""
+    """The server's own metric families as Prometheus users know them
+    (`hiddenstate_events_total`, `hiddenstate_model_info`, `hiddenstate_inference_seconds`,
+    ...): the process and platform collectors' families are left out."""
     registry = CollectorRegistry()
     Metrics(registry)
     families = set()
     for family in registry.collect():
         suffix = {"counter": "_total", "info": "_info"}.get(family.type, "")
-        families.add(family.name + suffix)
+        if family.name.startswith("hiddenstate_"):
+            families.add(family.name + suffix)
     return families

@@ -1,15 +1,21 @@
-"""The images (docker/Dockerfile, docker/Dockerfile.cuda) and .dockerignore, read as text:
-what they copy exists and is in the build context, they run as a non-root user, set
-only settings the server reads, expose its port, probe its health, and install the
-right onnxruntime. No image is built here (no Docker engine): docs/operations.md."""
+"""The images (docker/Dockerfile, docker/Dockerfile.cuda, docker/Dockerfile.model) and
+.dockerignore, read as text: what they copy exists and is in the build context, they run
+as a non-root user, set only settings the server reads, expose its port, probe its health,
+install the right onnxruntime (and the CUDA 12 build argument set a CUDA 12 one), and the
+model image holds the model where the pod copies it from. No image is built here (no
+Docker engine): docs/operations.md#what-was-exercised."""
 
 from __future__ import annotations
 
 import re
 import shlex
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
+from pipeline.runtime import OrtStepModel
 from tests.unit.deploy.dockerfiles import (
     Dockerfile,
     copy_sources,
@@ -21,6 +27,12 @@ from tests.unit.deploy.dockerfiles import (
 from tests.unit.deploy.tools import REPO
 
 IMAGES = ("Dockerfile", "Dockerfile.cuda")
+MODEL_IMAGE = REPO / "docker" / "Dockerfile.model"
+CUDA12_ARGS = REPO / "docker" / "cuda12.args"
+# The newest onnxruntime-gpu whose wheel asks for CUDA 12 libraries (1.27.0 on: CUDA 13),
+# from the wheels' metadata: pip install --dry-run --ignore-installed --no-deps --report -
+# 'onnxruntime-gpu[cuda]==<version>' lists nvidia-cuda-runtime-cu12 or -cu13 under requires_dist.
+LAST_ORT_FOR_CUDA12 = (1, 26, 0)
 
 
 @pytest.fixture(params=IMAGES)
@@ -148,3 +160,76 @@ def test_the_cuda_image_installs_onnxruntime_gpu_instead_of_onnxruntime() -> Non
     assert re.fullmatch(r"\d+\.\d+\.\d+", build.args["ORT_GPU_VERSION"])
     envs, _ = _runtime(dockerfile)
     assert envs["HIDDENSTATE_DEVICE"] == "cuda"
+
+
+def _version(text: str) -> tuple[int, ...]:
+    return tuple(int(part) for part in text.split("."))
+
+
+def _cuda12_args() -> dict[str, str]:
+    lines = [line for line in CUDA12_ARGS.read_text().splitlines() if re.match(r"^[A-Z]", line)]
+    return dict(line.split("=", 1) for line in lines)
+
+
+def test_the_cuda_12_argument_set_names_only_arguments_of_the_cuda_image() -> None:
+    dockerfile = parse(REPO / "docker" / "Dockerfile.cuda")
+    declared = set(dockerfile.global_args) | set(dockerfile.stage("build").args)
+    assert set(_cuda12_args()) == {"CUDA_IMAGE", "ORT_GPU_VERSION"}
+    assert set(_cuda12_args()) <= declared
+
+
+def test_the_cuda_12_set_pairs_a_cuda_12_base_with_an_onnxruntime_built_for_cuda_12() -> None:
+    args = _cuda12_args()
+    dockerfile = parse(REPO / "docker" / "Dockerfile.cuda")
+    default_ort = dockerfile.stage("build").args["ORT_GPU_VERSION"]
+    assert args["CUDA_IMAGE"].startswith("nvidia/cuda:12.")
+    assert "cudnn-runtime" in args["CUDA_IMAGE"]
+    assert _version(args["ORT_GPU_VERSION"]) <= LAST_ORT_FOR_CUDA12 < _version(default_ort)
+    assert dockerfile.global_args["CUDA_IMAGE"].startswith("nvidia/cuda:13.")
+
+
+def test_the_model_image_holds_the_model_and_a_static_busybox_in_an_empty_image() -> None:
+    dockerfile = parse(MODEL_IMAGE)
+    for name in ("demo", "model"):
+        stage = dockerfile.stage(name)
+        copies = [shlex.split(stage.expand(c, dockerfile.global_args)) for c in stage.all("COPY")]
+        assert stage.base == "scratch", name
+        assert ["--from=busybox", "/bin/busybox", "/bin/busybox"] in copies, name
+        assert [c[-1] for c in copies if c[-2].endswith(".onnx")] == ["/model.onnx"], name
+        uid = stage.all("USER")[-1].split(":")[0]
+        assert int(uid) >= 1000, name
+    busybox = dockerfile.stage("busybox").expand(
+        dockerfile.stage("busybox").base, dockerfile.global_args
+    )
+    assert busybox.endswith("-musl")  # the statically linked build
+
+
+def test_the_model_image_defaults_to_the_export_make_demo_writes() -> None:
+    dockerfile = parse(MODEL_IMAGE)
+    model = Path(dockerfile.stage("model").args["MODEL"])
+    demo = (REPO / "scripts" / "demo.sh").read_text()
+    (folder,) = re.findall(r"^MODEL=(\S+)$", demo, flags=re.MULTILINE)
+    assert model == Path(folder) / "model.onnx"
+    assert dockerfile.stages[-1].name == "model"  # the default target
+
+
+def test_the_model_image_copies_only_what_the_build_context_lets_in() -> None:
+    dockerfile = parse(MODEL_IMAGE)
+    patterns = read_ignore(REPO / ".dockerignore")
+    sources = [
+        s for stage in dockerfile.stages for s in copy_sources(stage, dockerfile.global_args)
+    ]
+    assert "artifacts/gru-vowels/model.onnx" in sources
+    assert [s for s in sources if ignored(s, patterns)] == []
+    assert [s for s in sources if not s.startswith("artifacts/") and not (REPO / s).exists()] == []
+
+
+def test_the_demo_model_stage_writes_a_model_of_eight_features(tmp_path: Path) -> None:
+    """Runs the demo stage's model-writing command here, then loads what it wrote."""
+    (command,) = parse(MODEL_IMAGE).stage("demo-build").all("RUN")
+    script = shlex.split(command.split("&&")[-1])[-1].replace(
+        "/demo/model.onnx", str(tmp_path / "m.onnx")
+    )
+    subprocess.run([sys.executable, "-c", script], check=True, cwd=REPO)
+    model = OrtStepModel(tmp_path / "m.onnx")
+    assert (len(model.spec.input.features), model.spec.cell) == (8, "gru")

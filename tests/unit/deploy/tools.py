@@ -2,11 +2,12 @@
 
 - `promtool` and `prometheus`: Debian's `prometheus` package (`make setup` installs it
   when run as root; `.ci/run` does too);
-- `kustomize`: built from the Go module proxy by `make setup`
-  (`go install sigs.k8s.io/kustomize/kustomize/v5@<version>` into the virtual environment).
+- `kustomize`, `kubeconform`, `kube-score`: built from the Go module proxy by `make tools`
+  (`go install <module>@<version>` into `.tools/` at the repository root; the versions are
+  the Makefile's).
 
-Looked up next to the running Python (the virtual environment's `bin`), then on PATH,
-then in Go's install folder.
+Looked up in the repository's `.tools/`, next to the running Python (the virtual
+environment's `bin`), then on PATH, then in Go's install folder.
 """
 
 from __future__ import annotations
@@ -24,7 +25,9 @@ REPO = Path(__file__).resolve().parents[3]
 _HOW_TO_INSTALL = {
     "promtool": "apt-get install -y prometheus (Debian's package ships promtool), or run make setup",
     "prometheus": "apt-get install -y prometheus (Debian's package), or run make setup",
-    "kustomize": "make setup (go install sigs.k8s.io/kustomize/kustomize/v5 into .venv/bin)",
+    "kustomize": "make tools (go install sigs.k8s.io/kustomize/kustomize/v5 into .tools/)",
+    "kubeconform": "make tools (go install github.com/yannh/kubeconform/cmd/kubeconform into .tools/)",
+    "kube-score": "make tools (go install github.com/zegl/kube-score/cmd/kube-score into .tools/)",
 }
 
 
@@ -43,9 +46,9 @@ def _go_bin() -> Path | None:
 
 def require(name: str) -> str:
     """The path of program `name`; fails the test, saying how to install it, when absent."""
-    beside_python = Path(sys.executable).parent / name
-    if beside_python.is_file() and os.access(beside_python, os.X_OK):
-        return str(beside_python)
+    for folder in (REPO / ".tools", Path(sys.executable).parent):
+        if (folder / name).is_file() and os.access(folder / name, os.X_OK):
+            return str(folder / name)
     on_path = shutil.which(name)
     if on_path:
         return on_path
