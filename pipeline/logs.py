@@ -51,7 +51,13 @@ class JsonFormatter(logging.Formatter):
 
 
 class _Handler(logging.StreamHandler):  # type: ignore[type-arg]
-    """The root handler these commands install (told apart from any other)."""
+    """The root handler these commands install (told apart from any other). It writes to
+    the `sys.stderr` of the moment, not of its creation: a caller that swaps stderr (a
+    test capturing it) gets the records, and none go to a stream since closed."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.stream = sys.stderr
+        super().emit(record)
 
 
 def configure(log_format: str, level: int | str = logging.INFO) -> None:

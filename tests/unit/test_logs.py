@@ -1,5 +1,6 @@
 """Log lines: text for people, one JSON object per line for collectors (`--log-format`)."""
 
+import io
 import json
 import logging
 import subprocess
@@ -137,3 +138,11 @@ def test_a_configuration_error_comes_out_as_json_when_the_environment_asks_for_i
     entry = json.loads(line)
     assert entry["level"] == "ERROR"
     assert "--max-streams / HIDDENSTATE_MAX_STREAMS: expected >= 1" in entry["message"]
+
+
+def test_records_go_to_the_stderr_of_the_moment(root_handlers, monkeypatch):
+    logs.configure("json")
+    replaced = io.StringIO()
+    monkeypatch.setattr(sys, "stderr", replaced)
+    logging.getLogger("pipeline.test").warning("to the new stream")
+    assert json.loads(replaced.getvalue())["message"] == "to the new stream"

@@ -87,8 +87,8 @@ def build(path: Path) -> Docs:
 
 
 def write_combination(folder: Path, combination: tuple[str, ...]) -> Path:
-    """A kustomization in `folder` of the base and `combination`, by relative paths (as
-    an overlay of a user's would name them)."""
+    """A kustomization in `folder` of the base and `combination`, by relative paths, with
+    the image tags an overlay sets (as an overlay of a user's would be)."""
     folder.mkdir(parents=True, exist_ok=True)
     up = Path(os.path.relpath(DEPLOY, folder))
     kustomization = {
@@ -96,6 +96,10 @@ def write_combination(folder: Path, combination: tuple[str, ...]) -> Path:
         "kind": "Kustomization",
         "resources": [str(up / "base")],
         "components": [str(up / "components" / c) for c in combination],
+        "images": [
+            {"name": "hiddenstate", "newTag": "0.1.0"},
+            {"name": "hiddenstate-model", "newTag": "0.1.0"},
+        ],
     }
     (folder / "kustomization.yaml").write_text(yaml.safe_dump(kustomization))
     return folder

@@ -237,7 +237,8 @@ def test_the_image_volume_component_mounts_the_model_image_instead_of_copying(
     volumes = {v["name"]: v for v in _pod(docs)["volumes"]}
     assert volumes["models"] == {
         "name": "models",
-        "image": {"reference": "hiddenstate-model", "pullPolicy": "IfNotPresent"},
+        # the tag the overlay's `images:` sets, as on the init container it replaces
+        "image": {"reference": "hiddenstate-model:0.1.0", "pullPolicy": "IfNotPresent"},
     }
     assert _pod(docs).get("initContainers", []) == []
 
