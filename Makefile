@@ -37,7 +37,9 @@ setup: $(STAMP) tools
 # Programs the deployment tests run (tests/unit/deploy, tests/integration/test_prometheus.py):
 # Prometheus and promtool from Debian's `prometheus` package (installed here when run as
 # root, else named), and kustomize, kubeconform and kube-score, built with the machine's
-# Go from the Go module proxy into $(TOOLS) (about a minute each, cold).
+# Go from the Go module proxy into $(TOOLS): kustomize 135 s, kubeconform 9 s, kube-score
+# 78 s, cold, on the 2-core development VM (`rm -rf .tools; GOMODCACHE=$(mktemp -d)
+# GOCACHE=$(mktemp -d) time make tools`).
 tools: $(TOOLS)/.kustomize-$(KUSTOMIZE_VERSION) $(TOOLS)/.kubeconform-$(KUBECONFORM_VERSION) \
        $(TOOLS)/.kube-score-$(KUBE_SCORE_VERSION)
 	@if ! command -v prometheus >/dev/null || ! command -v promtool >/dev/null; then
