@@ -27,7 +27,7 @@ import base64
 import binascii
 import logging
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 from confluent_kafka.schema_registry import Schema, SchemaRegistryClient
@@ -83,32 +83,49 @@ def _unreachable(url: str, what: str, exc: Exception) -> SchemaRegistryError:
     )
 
 
-def _message_class(
-    registry: SchemaRegistryClient, schema: Schema, subject: str
-) -> Any:  # a generated protobuf Message class
-    """The first message of a registered Protobuf schema, as a class to decode into.
-    Read as a serialized descriptor (what confluent-kafka's serializer registers, and
-    what the registry returns for `format=serialized`); references are added first."""
+def _descriptor(text: str) -> descriptor_pb2.FileDescriptorProto | None:
+    """A Protobuf schema's text as a serialized descriptor (base64), or None if it is not
+    one (a .proto text)."""
+    try:
+        return descriptor_pb2.FileDescriptorProto.FromString(base64.b64decode(text, validate=True))
+    except (binascii.Error, DecodeError, ValueError):
+        return None
+
+
+def protobuf_schema(
+    registry: SchemaRegistryClient, subject: str, version: int | Literal["latest"]
+) -> Schema:
+    """A registered Protobuf schema as a serialized descriptor. Registries store what was
+    registered: confluent-kafka's serializer registers a base64 descriptor, which they
+    return as it is; a .proto text (a Java producer's) is asked for again with
+    `format=serialized`, which makes the registry convert it."""
+    if version == "latest":
+        schema = registry.get_latest_version(subject).schema
+    else:
+        schema = registry.get_version(subject, version).schema
+    if _descriptor(schema.schema_str or "") is not None:
+        return schema
+    return registry.get_version(subject, version, fmt="serialized").schema
+
+
+def message_class(registry: SchemaRegistryClient, schema: Schema, subject: str) -> Any:
+    """The first message of a registered Protobuf schema (`protobuf_schema`), as a class
+    to decode into; the files it references are added first."""
     pool = descriptor_pool.DescriptorPool()
     added: set[str] = set()
 
     def add(schema: Schema, name: str) -> descriptor_pb2.FileDescriptorProto:
         for reference in schema.references or []:
-            ref = registry.get_version(
-                str(reference.subject), int(reference.version or 0), fmt="serialized"
-            )
-            add(ref.schema, str(reference.name))
-        try:
-            fdp = descriptor_pb2.FileDescriptorProto.FromString(
-                base64.standard_b64decode(schema.schema_str or "")
-            )
-        except (binascii.Error, DecodeError, ValueError) as exc:
+            ref = protobuf_schema(registry, str(reference.subject), int(reference.version or 0))
+            add(ref, str(reference.name))
+        fdp = _descriptor(schema.schema_str or "")
+        if fdp is None:
             raise ConfigError(
-                f"the Protobuf schema of subject {subject!r} ({name}) came back as .proto text, "
-                "not as a serialized descriptor; hiddenstate reads Protobuf schemas with the "
-                "registry's format=serialized (Confluent Schema Registry, Apicurio's ccompat "
-                "API for schemas registered by confluent-kafka's serializer)"
-            ) from exc
+                f"the Protobuf schema of subject {subject!r} ({name}) is .proto text even with "
+                "format=serialized; hiddenstate reads Protobuf schemas as serialized descriptors "
+                "(what confluent-kafka's serializer registers, and what Confluent Schema "
+                "Registry returns for format=serialized)"
+            )
         for dependency in fdp.dependency:
             if dependency not in added:
                 # Well-known types (google/protobuf/*.proto) come with the protobuf package.
@@ -172,6 +189,8 @@ class RegistryEventDecoder:
             self._look_up(schema_id)
         try:
             body = self._deserialize(value, self._context)
+        except ClientRegistryError as exc:  # the registry failed, not the record
+            raise _unreachable(self._url, f"decoding with schema id {schema_id}", exc) from exc
         except Exception as exc:  # the codecs raise many types; each is a bad payload here
             raise BadEventError(
                 "undecodable",
@@ -318,9 +337,11 @@ class RegistryPredictionEncoder:
         return list(output.tolist())
 
 
-def _latest(registry: SchemaRegistryClient, url: str, subject: str, fmt: str | None) -> Schema:
+def _latest(registry: SchemaRegistryClient, url: str, subject: str, protobuf: bool) -> Schema:
     try:
-        return registry.get_latest_version(subject, fmt=fmt).schema
+        if protobuf:
+            return protobuf_schema(registry, subject, "latest")
+        return registry.get_latest_version(subject).schema
     except ClientRegistryError as exc:
         if exc.http_status_code == _NOT_FOUND:
             raise ConfigError(
@@ -347,18 +368,21 @@ def input_decoder(
     attributes = False
     deserialize: Callable[[bytes, SerializationContext], Any]
     if fmt == "avro":
-        schema = _latest(registry, url, subject, None)
+        schema = _latest(registry, url, subject, protobuf=False)
         fields = schemas.avro_fields(schema.schema_str or "")
         deserialize = AvroDeserializer(registry)
     elif fmt == "json-schema":
-        schema = _latest(registry, url, subject, None)
+        schema = _latest(registry, url, subject, protobuf=False)
         fields = schemas.json_schema_fields(schema.schema_str or "")
         deserialize = JSONDeserializer(None, schema_registry_client=registry)
     else:
-        schema = _latest(registry, url, subject, "serialized")
-        message = _message_class(registry, schema, subject)
+        schema = _latest(registry, url, subject, protobuf=True)
+        message = message_class(registry, schema, subject)
         fields = schemas.protobuf_fields(message.DESCRIPTOR)
-        deserialize = ProtobufDeserializer(message, schema_registry_client=registry)
+        # No registry client: it would only fetch the writer schema again, as
+        # format=serialized, which Apicurio 3.3 cannot do for a schema stored as a
+        # serialized descriptor (HTTP 500); the message class decodes by field number.
+        deserialize = ProtobufDeserializer(message)
         attributes = True
     if schema.schema_type not in (None, _SCHEMA_TYPES[fmt]):
         raise ConfigError(

@@ -112,7 +112,7 @@ def protobuf_fields(message: descriptor.Descriptor) -> list[Field]:
             kind = BOOLEAN
         else:
             kind = f"protobuf type {f.type}"
-        repeated = f.label == descriptor.FieldDescriptor.LABEL_REPEATED
+        repeated = f.is_repeated
         if repeated:
             kind = {NUMBER: NUMBERS, INTEGER: INTEGERS}.get(kind, f"repeated {kind}")
         fields.append(Field(f.name, kind))
