@@ -13,7 +13,7 @@ STAMP := $(VENV)/.installed
 
 KUSTOMIZE_VERSION ?= v5.8.0
 
-.PHONY: demo setup tools test lint unit integration bench kafka-start kafka-stop lock clean
+.PHONY: demo setup tools test lint unit integration wheel bench kafka-start kafka-stop registry-start registry-stop lock clean
 
 # The main job end to end: needs the environment only, not the deployment tools.
 demo: $(STAMP)
@@ -59,13 +59,20 @@ lint: setup
 unit: setup
 	$(BIN)/python -m pytest tests/unit
 
-# Uses $$KAFKA_BOOTSTRAP_SERVERS when set; otherwise the fixture starts the local broker.
-# The whole suite runs once per Kafka client (`--transport`); both must pass.
+# Uses $$KAFKA_BOOTSTRAP_SERVERS and $$SCHEMA_REGISTRY_URL when set; otherwise the fixtures
+# start the local broker and the local Schema Registry. Events "from elsewhere" are written
+# by kcat (Debian's `kcat`). The whole suite runs once per Kafka client (`--transport`);
+# both must pass.
 integration: setup
 	status=0
 	$(BIN)/python -m pytest tests/integration --transport kafka-python || status=1
 	$(BIN)/python -m pytest tests/integration --transport confluent || status=1
 	exit $$status
+
+# The wheel, built and installed into a fresh virtual environment outside the checkout,
+# starts the local broker, serves and stops it from there (tests/wheel).
+wheel: setup
+	$(BIN)/python -m pytest tests/wheel
 
 # The benchmark: throughput, latency against load, CPU and memory of `hiddenstate serve`
 # (both transports) and of the hand-written baseline, the restore rate, and the profiles.
@@ -89,18 +96,31 @@ kafka-start: setup
 kafka-stop: setup
 	$(BIN)/hiddenstate kafka stop
 
-# Everything, on a fresh machine: environment, broker, lint, unit and integration tests.
-# The local broker is stopped afterwards even when a step fails (unless it ran before).
+registry-start: setup
+	$(BIN)/hiddenstate registry start
+
+registry-stop: setup
+	$(BIN)/hiddenstate registry stop
+
+# Everything, on a fresh machine: environment, broker, Schema Registry, lint, unit,
+# integration and wheel tests. The local broker and registry are stopped afterwards even
+# when a step fails (unless they ran before).
 test: setup
 	status=0
+	cleanup=""
+	trap 'eval "$$cleanup"' EXIT
 	if [ -z "$${KAFKA_BOOTSTRAP_SERVERS:-}" ]; then
-	  was_running=0; $(BIN)/hiddenstate kafka status >/dev/null && was_running=1
+	  $(BIN)/hiddenstate kafka status >/dev/null || cleanup="$$cleanup $(BIN)/hiddenstate kafka stop;"
 	  export KAFKA_BOOTSTRAP_SERVERS=$$($(BIN)/hiddenstate kafka start)
-	  [ $$was_running = 1 ] || trap '$(BIN)/hiddenstate kafka stop' EXIT
+	fi
+	if [ -z "$${SCHEMA_REGISTRY_URL:-}" ]; then
+	  $(BIN)/hiddenstate registry status >/dev/null || cleanup="$$cleanup $(BIN)/hiddenstate registry stop;"
+	  export SCHEMA_REGISTRY_URL=$$($(BIN)/hiddenstate registry start)
 	fi
 	$(MAKE) --no-print-directory lint || status=1
 	$(MAKE) --no-print-directory unit || status=1
 	$(MAKE) --no-print-directory integration || status=1
+	$(MAKE) --no-print-directory wheel || status=1
 	exit $$status
 
 # Re-resolve the newest allowed versions and write them to the lock.
@@ -114,4 +134,4 @@ lock:
 	rm -rf .lock-venv
 
 clean:
-	rm -rf $(VENV) .kafka artifacts .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) .kafka .registry artifacts .pytest_cache .mypy_cache .ruff_cache
