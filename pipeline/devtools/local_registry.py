@@ -34,6 +34,18 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline.devtools.home import alive, default_home, log_tail, port_open
+
+__all__ = [
+    "LocalRegistry",
+    "answers",
+    "find_java",
+    "from_environment",
+    "main",
+    "port_open",
+    "running_pid",
+    "start",
+    "stop",
+]
 from pipeline.errors import LocalRegistryError
 
 _POM = Path(__file__).resolve().parent / "registry" / "pom.xml"
