@@ -25,7 +25,7 @@ demo: $(STAMP)
 $(STAMP): pyproject.toml constraints.txt
 	[ -x $(BIN)/python ] || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -c constraints.txt -e '.[export,test,fast,bench]'
+	$(BIN)/python -m pip install -q -c constraints.txt -e '.[export,test,fast,registry,bench]'
 	touch $(STAMP)
 
 setup: $(STAMP) tools
@@ -128,7 +128,7 @@ lock:
 	rm -rf .lock-venv
 	$(PYTHON) -m venv .lock-venv
 	.lock-venv/bin/python -m pip install -q --upgrade pip
-	.lock-venv/bin/python -m pip install -q -e '.[export,test,fast,bench]'
+	.lock-venv/bin/python -m pip install -q -e '.[export,test,fast,registry,bench]'
 	{ echo "# The versions CI installs. Regenerate with: make lock"; \
 	  .lock-venv/bin/python -m pip freeze --exclude-editable | grep -v '^hiddenstate'; } > constraints.txt
 	rm -rf .lock-venv

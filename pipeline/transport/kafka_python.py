@@ -1,4 +1,4 @@
-"""The kafka-python transport (`--transport kafka-python`, the default).
+"""The kafka-python transport (`--transport kafka-python`; `auto` without confluent-kafka).
 
 Pure Python: every fetched record is parsed, and every produced one built,
 by the interpreter that also serves the model (FIELD-NOTES: about 3 us to
