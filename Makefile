@@ -17,7 +17,7 @@ KUSTOMIZE_VERSION ?= v5.8.0
 KUBECONFORM_VERSION ?= v0.8.0
 KUBE_SCORE_VERSION ?= v1.20.0
 
-.PHONY: demo setup tools test lint unit integration bench kafka-start kafka-stop lock clean
+.PHONY: demo setup tools test lint unit integration wheel bench kafka-start kafka-stop registry-start registry-stop lock clean
 
 # The main job end to end: needs the environment only, not the deployment tools.
 demo: $(STAMP)
@@ -29,7 +29,7 @@ demo: $(STAMP)
 $(STAMP): pyproject.toml constraints.txt
 	[ -x $(BIN)/python ] || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -c constraints.txt -e '.[export,test,fast,bench]'
+	$(BIN)/python -m pip install -q -c constraints.txt -e '.[export,test,fast,registry,bench]'
 	touch $(STAMP)
 
 setup: $(STAMP) tools
@@ -78,13 +78,20 @@ lint: setup
 unit: setup
 	$(BIN)/python -m pytest tests/unit
 
-# Uses $$KAFKA_BOOTSTRAP_SERVERS when set; otherwise the fixture starts the local broker.
-# The whole suite runs once per Kafka client (`--transport`); both must pass.
+# Uses $$KAFKA_BOOTSTRAP_SERVERS and $$SCHEMA_REGISTRY_URL when set; otherwise the fixtures
+# start the local broker and the local Schema Registry. Events "from elsewhere" are written
+# by kcat (Debian's `kcat`). The whole suite runs once per Kafka client (`--transport`);
+# both must pass.
 integration: setup
 	status=0
 	$(BIN)/python -m pytest tests/integration --transport kafka-python || status=1
 	$(BIN)/python -m pytest tests/integration --transport confluent || status=1
 	exit $$status
+
+# The wheel, built and installed into a fresh virtual environment outside the checkout,
+# starts the local broker, serves and stops it from there (tests/wheel).
+wheel: setup
+	$(BIN)/python -m pytest tests/wheel
 
 # The benchmark: throughput, latency against load, CPU and memory of `hiddenstate serve`
 # (both transports) and of the hand-written baseline, the restore rate, and the profiles.
@@ -108,18 +115,31 @@ kafka-start: setup
 kafka-stop: setup
 	$(BIN)/hiddenstate kafka stop
 
-# Everything, on a fresh machine: environment, broker, lint, unit and integration tests.
-# The local broker is stopped afterwards even when a step fails (unless it ran before).
+registry-start: setup
+	$(BIN)/hiddenstate registry start
+
+registry-stop: setup
+	$(BIN)/hiddenstate registry stop
+
+# Everything, on a fresh machine: environment, broker, Schema Registry, lint, unit,
+# integration and wheel tests. The local broker and registry are stopped afterwards even
+# when a step fails (unless they ran before).
 test: setup
 	status=0
+	cleanup=""
+	trap 'eval "$$cleanup"' EXIT
 	if [ -z "$${KAFKA_BOOTSTRAP_SERVERS:-}" ]; then
-	  was_running=0; $(BIN)/hiddenstate kafka status >/dev/null && was_running=1
+	  $(BIN)/hiddenstate kafka status >/dev/null || cleanup="$$cleanup $(BIN)/hiddenstate kafka stop;"
 	  export KAFKA_BOOTSTRAP_SERVERS=$$($(BIN)/hiddenstate kafka start)
-	  [ $$was_running = 1 ] || trap '$(BIN)/hiddenstate kafka stop' EXIT
+	fi
+	if [ -z "$${SCHEMA_REGISTRY_URL:-}" ]; then
+	  $(BIN)/hiddenstate registry status >/dev/null || cleanup="$$cleanup $(BIN)/hiddenstate registry stop;"
+	  export SCHEMA_REGISTRY_URL=$$($(BIN)/hiddenstate registry start)
 	fi
 	$(MAKE) --no-print-directory lint || status=1
 	$(MAKE) --no-print-directory unit || status=1
 	$(MAKE) --no-print-directory integration || status=1
+	$(MAKE) --no-print-directory wheel || status=1
 	exit $$status
 
 # Re-resolve the newest allowed versions and write them to the lock.
@@ -127,10 +147,10 @@ lock:
 	rm -rf .lock-venv
 	$(PYTHON) -m venv .lock-venv
 	.lock-venv/bin/python -m pip install -q --upgrade pip
-	.lock-venv/bin/python -m pip install -q -e '.[export,test,fast,bench]'
+	.lock-venv/bin/python -m pip install -q -e '.[export,test,fast,registry,bench]'
 	{ echo "# The versions CI installs. Regenerate with: make lock"; \
 	  .lock-venv/bin/python -m pip freeze --exclude-editable | grep -v '^hiddenstate'; } > constraints.txt
 	rm -rf .lock-venv
 
 clean:
-	rm -rf $(VENV) $(TOOLS) .kafka artifacts .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) $(TOOLS) .kafka .registry artifacts .pytest_cache .mypy_cache .ruff_cache

@@ -163,7 +163,9 @@ class Reader:
     bootstrap: str
     topic: str
     partitions: int
-    marker: bytes = b'"event_time_ms":'  # b'"ts":' reads events instead of predictions
+    # b'"ts":' reads events instead of predictions; None counts records without reading
+    # an event time (predictions in a binary format: bench/formats.py measures throughput)
+    marker: bytes | None = b'"event_time_ms":'
     arrivals: list[float] = field(default_factory=list)
     event_times: list[int] = field(default_factory=list)
     # The record's own timestamp: for a prediction, when the server handed it to its
@@ -200,7 +202,7 @@ class Reader:
             [TopicPartition(self.topic, p, OFFSET_BEGINNING) for p in range(self.partitions)]
         )
         find = self.marker
-        skip = len(find)
+        skip = len(find or b"")
         try:
             while not self._stop.is_set():
                 # consume(n, timeout) waits for n messages or the timeout: take what is
@@ -214,6 +216,9 @@ class Reader:
                 now_ms = time.time() * 1000
                 times = []
                 produced = []
+                if find is None:
+                    self.arrivals += [now_ms] * len(messages)
+                    continue
                 for message in messages:
                     value = message.value()
                     if value is None:

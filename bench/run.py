@@ -169,8 +169,13 @@ class Running:
                 "serve",
                 "--model",
                 str(args.model_dir / "model.onnx"),
-                # kafka-python is the default (and the only choice of older trees).
-                *(["--transport", subject.kind] if subject.kind != "kafka-python" else []),
+                # Named always (the default is auto, which picks confluent where it is
+                # installed); older trees without the flag served with kafka-python only.
+                *(
+                    []
+                    if subject.kind == "kafka-python" and subject.tree != REPO
+                    else ["--transport", subject.kind]
+                ),
                 "--group-id",
                 self.group,
                 "--changelog-topic",

@@ -43,6 +43,11 @@ _BUILTIN: dict[str, tuple[str, str, str]] = {
         "main",
         "start, stop or check the local Kafka broker",
     ),
+    "registry": (
+        "pipeline.devtools.local_registry",
+        "main",
+        "start, stop or check the local Schema Registry (Apicurio)",
+    ),
 }
 
 _PLUGIN_GROUP = "hiddenstate.commands"

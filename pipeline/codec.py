@@ -61,8 +61,14 @@ REASONS = (
     "wrong_type",
     "non_finite",
     "token_out_of_range",
+    "wrong_magic_byte",
+    "unknown_schema_id",
 )
-"""Every dead-letter reason label (bounded: it labels hiddenstate_dead_letters_total)."""
+"""Every dead-letter reason label (bounded: it labels hiddenstate_dead_letters_total).
+The last two come only from the Schema Registry formats (`pipeline.formats`), which
+also use `undecodable` for a payload its writer schema does not decode."""
+
+REGISTRY_REASONS = ("wrong_magic_byte", "unknown_schema_id")
 
 try:
     from orjson import OPT_SERIALIZE_NUMPY
@@ -148,17 +154,7 @@ class EventDecoder:
     def decode(self, record: InputRecord) -> Event:
         """Decode and validate one record; raises `BadEventError` naming the reason."""
         key = record.key
-        if not key:
-            raise BadEventError(
-                "missing_key", "the record has no key; the key is the stream id, and must be set"
-            )
-        value = record.value
-        if value is None:
-            raise BadEventError("missing_value", "the record has no value (null/tombstone)")
-        if len(value) > self._max_bytes:
-            raise BadEventError(
-                "oversized", f"the value is {len(value)} bytes, the limit is {self._max_bytes}"
-            )
+        value = check_envelope(record, self._max_bytes)
         fast = FAST_JSON
         if fast is None:
             body = _parse(value)
@@ -172,7 +168,7 @@ class EventDecoder:
                 "schema", f"the value must be a JSON object, got {type(body).__name__}"
             )
         x = self._features_of(body)
-        return Event(key, x, self._event_time(body, record), self._reset(body), record)
+        return Event(cast(bytes, key), x, self._event_time(body, record), self._reset(body), record)
 
     def _features_of(self, body: dict[str, Any]) -> list[Any]:
         x = body.get("x")
@@ -198,18 +194,7 @@ class EventDecoder:
             raise BadEventError(
                 "schema", f"'x' must be an array or an object, got {type(x).__name__}"
             )
-        if self._tokens is not None:
-            return _token_ids(x, self._tokens)
-        for v in x:
-            kind = type(v)
-            if kind is not float and kind is not int:
-                raise BadEventError("wrong_type", f"features must be numbers, got {_quote(v)}")
-            # One comparison catches NaN, infinities and values float32 cannot hold.
-            if not -FLOAT32_MAX <= v <= FLOAT32_MAX:
-                raise BadEventError(
-                    "non_finite", f"feature value {_quote(v)} is not a finite float32"
-                )
-        return x
+        return checked_features(x, self._tokens)
 
     @staticmethod
     def _event_time(body: dict[str, Any], record: InputRecord) -> int:
@@ -229,6 +214,38 @@ class EventDecoder:
         if type(reset) is not bool:
             raise BadEventError("schema", f"'reset' must be true or false, got {_quote(reset)}")
         return reset
+
+
+def check_envelope(record: InputRecord, max_bytes: int) -> bytes:
+    """The record's value once key, value and size are fine (every format checks these
+    first); `BadEventError` (missing_key, missing_value, oversized) otherwise."""
+    if not record.key:
+        raise BadEventError(
+            "missing_key", "the record has no key; the key is the stream id, and must be set"
+        )
+    value = record.value
+    if value is None:
+        raise BadEventError("missing_value", "the record has no value (null/tombstone)")
+    if len(value) > max_bytes:
+        raise BadEventError(
+            "oversized", f"the value is {len(value)} bytes, the limit is {max_bytes}"
+        )
+    return value
+
+
+def checked_features(x: list[Any], vocabulary_size: int | None) -> list[Any]:
+    """`x` (the features in the model's order) once every value is a finite float32, or
+    a token id below `vocabulary_size` for a token model; `BadEventError` otherwise."""
+    if vocabulary_size is not None:
+        return _token_ids(x, vocabulary_size)
+    for v in x:
+        kind = type(v)
+        if kind is not float and kind is not int:
+            raise BadEventError("wrong_type", f"features must be numbers, got {_quote(v)}")
+        # One comparison catches NaN, infinities and values float32 cannot hold.
+        if not -FLOAT32_MAX <= v <= FLOAT32_MAX:
+            raise BadEventError("non_finite", f"feature value {_quote(v)} is not a finite float32")
+    return x
 
 
 def _token_ids(x: list[Any], vocabulary_size: int) -> list[int]:

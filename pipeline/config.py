@@ -66,10 +66,11 @@ class KafkaConfig:
 
     bootstrap_servers: str = _setting("127.0.0.1:9092", "comma-separated host:port of brokers")
     transport: str = _setting(
-        "kafka-python",
-        "Kafka client library: kafka-python (pure Python) or confluent (librdkafka, from the "
-        "`fast` extra: about 3x less CPU per event, docs/benchmarks.md)",
-        choices=("kafka-python", "confluent"),
+        "auto",
+        "Kafka client library: confluent (librdkafka, from the `fast` extra: about 3x less CPU "
+        "per event, docs/benchmarks.md), kafka-python (pure Python, always installed), or auto: "
+        "confluent when it is installed, else kafka-python (the start log says which and why)",
+        choices=("auto", "kafka-python", "confluent"),
     )
     group_id: str = _setting("", "consumer group id", derived="hiddenstate-<input_topic>")
     client_id: str = _setting("hiddenstate", "client id shown in broker logs and quotas")
@@ -94,6 +95,12 @@ class KafkaConfig:
     ssl_cafile: str = _setting("", "CA bundle (PEM) to verify the brokers")
     ssl_certfile: str = _setting("", "client certificate (PEM) for mutual TLS")
     ssl_keyfile: str = _setting("", "client private key (PEM) for mutual TLS")
+    compression_type: str = _setting(
+        "",
+        "compression of the records the server produces (predictions, dead letters, "
+        "snapshots); empty: the client's default, none. Input in any codec is read either way",
+        choices=("", "none", "gzip", "snappy", "lz4", "zstd"),
+    )
     max_poll_records: int = _setting(
         2000,
         "most records one poll returns (one batch: larger amortises the per-batch flush "
@@ -138,6 +145,13 @@ class KafkaConfig:
         kwargs.update({k: v for k, v in optional.items() if v})
         return kwargs
 
+    def producer_kwargs(self) -> dict[str, Any]:
+        """`client_kwargs()` plus the producer's compression (`--compression-type`)."""
+        kwargs = self.client_kwargs()
+        if self.compression_type and self.compression_type != "none":
+            kwargs["compression_type"] = self.compression_type
+        return kwargs
+
     def consumer_kwargs(self) -> dict[str, Any]:
         """`client_kwargs()` plus the consumer's group settings.
 
@@ -174,6 +188,13 @@ class KafkaConfig:
             "ssl.key.location": self.ssl_keyfile,
         }
         config.update({k: v for k, v in optional.items() if v})
+        return config
+
+    def librdkafka_producer_config(self) -> dict[str, Any]:
+        """`librdkafka_config()` plus the producer's compression (`--compression-type`)."""
+        config = self.librdkafka_config()
+        if self.compression_type:
+            config["compression.type"] = self.compression_type
         return config
 
     def librdkafka_consumer_config(self) -> dict[str, Any]:
@@ -238,6 +259,43 @@ class ProcessingConfig:
     )
 
 
+FORMATS = ("json", "avro", "protobuf", "json-schema")
+"""Event and prediction formats; all but json go through a Schema Registry."""
+
+
+@dataclass(frozen=True)
+class FormatsConfig:
+    """Wire formats of events and predictions, and the Schema Registry the non-JSON ones use."""
+
+    input_format: str = _setting(
+        "json",
+        "format of input events: json (pipeline/schemas/event.schema.json), or avro, protobuf or "
+        "json-schema in the Schema Registry wire format (docs/events.md)",
+        choices=FORMATS,
+    )
+    output_format: str = _setting(
+        "json",
+        "format of predictions; avro, protobuf and json-schema register their schema under "
+        "<output_topic>-value",
+        choices=FORMATS,
+    )
+    schema_registry_url: str = _setting(
+        "",
+        "Schema Registry base URL (Confluent API, e.g. http://127.0.0.1:8081 or Apicurio's "
+        ".../apis/ccompat/v7); required by the avro, protobuf and json-schema formats",
+    )
+    schema_registry_username: str = _setting("", "Schema Registry basic-auth user name")
+    schema_registry_password: str = _setting("", "Schema Registry basic-auth password", secret=True)
+    schema_registry_ca_file: str = _setting(
+        "", "CA bundle (PEM) to verify an https Schema Registry"
+    )
+
+    @property
+    def uses_registry(self) -> bool:
+        """True when events or predictions go through the Schema Registry."""
+        return self.input_format != "json" or self.output_format != "json"
+
+
 @dataclass(frozen=True)
 class DeliveryConfig:
     """Delivery guarantee and checkpointing of hidden states to the changelog."""
@@ -281,6 +339,7 @@ _SECTIONS: dict[str, type] = {
     "runtime": RuntimeConfig,
     "store": StoreConfig,
     "processing": ProcessingConfig,
+    "formats": FormatsConfig,
     "delivery": DeliveryConfig,
     "observability": ObservabilityConfig,
 }
@@ -295,6 +354,7 @@ class ServeConfig:
     runtime: RuntimeConfig
     store: StoreConfig
     processing: ProcessingConfig
+    formats: FormatsConfig
     delivery: DeliveryConfig
     observability: ObservabilityConfig
     # Where each value came from ("flag", "env", "default", "derived"): for the start log.
@@ -354,6 +414,67 @@ def load_config(
     add_arguments(parser)
     namespace = parser.parse_args(list(argv or []))
     return from_sources(vars(namespace), os.environ if environ is None else environ)
+
+
+# The settings a client of the cluster other than `serve` shares with it (`hiddenstate
+# produce`): where the brokers are, how to authenticate, how to compress, the registry.
+CLIENT_SETTINGS = (
+    "bootstrap_servers",
+    "client_id",
+    "security_protocol",
+    "sasl_mechanism",
+    "sasl_plain_username",
+    "sasl_plain_password",
+    "ssl_cafile",
+    "ssl_certfile",
+    "ssl_keyfile",
+    "compression_type",
+    "bootstrap_timeout_ms",
+    "schema_registry_url",
+    "schema_registry_username",
+    "schema_registry_password",
+    "schema_registry_ca_file",
+)
+
+
+def add_client_arguments(parser: argparse.ArgumentParser) -> None:
+    """The flags of `CLIENT_SETTINGS`, parsed and documented exactly as `serve`'s."""
+    settings.add_flags(parser, _SECTIONS, only=CLIENT_SETTINGS)
+
+
+def client_from_sources(
+    flags: Mapping[str, Any], environ: Mapping[str, str], *, registry_needed: bool
+) -> tuple[KafkaConfig, FormatsConfig]:
+    """The connection and registry settings of `CLIENT_SETTINGS` (flag > environment >
+    default) with serve's checks; `ConfigError` lists every problem at once."""
+    values: dict[str, dict[str, Any]] = {"kafka": {}, "formats": {}}
+    problems: list[str] = []
+    for entry in settings.entries(_SECTIONS):
+        if entry.name not in CLIENT_SETTINGS:
+            continue
+        raw: Any = flags.get(entry.name)
+        source = "flag"
+        if raw is None and settings.env_name(entry.name) in environ:
+            raw, source = environ[settings.env_name(entry.name)], "env"
+        if raw is None:
+            values[entry.section][entry.name] = entry.default
+            continue
+        try:
+            values[entry.section][entry.name] = settings.parse_value(raw, entry.kind, entry.setting)
+        except ValueError as exc:
+            problems.append(f"{_who(entry.name)}: {exc}, got {raw!r} (from {source})")
+    if not problems:
+        kafka = {f: getattr(KafkaConfig(), f) for f in KafkaConfig.__dataclass_fields__}
+        kafka.update(values["kafka"])
+        problems += _security_checks(kafka)
+        registry = values["formats"]
+        if registry_needed and not registry["schema_registry_url"]:
+            problems.append(f"{_who('schema_registry_url')}: required with a registry format")
+        if not registry_needed and registry["schema_registry_url"]:
+            problems.append(f"{_who('schema_registry_url')}: has no effect with the json format")
+    if problems:
+        raise ConfigError("invalid configuration:\n  " + "\n  ".join(problems))
+    return KafkaConfig(**values["kafka"]), FormatsConfig(**values["formats"])
 
 
 def from_sources(flags: Mapping[str, Any], environ: Mapping[str, str]) -> ServeConfig:
@@ -438,10 +559,44 @@ def _cross_checks(values: dict[str, dict[str, Any]]) -> list[str]:
     ):
         problems.append(f"{_who('bootstrap_servers')}: expected host:port[,host:port...]")
     problems += _security_checks(kafka)
+    problems += _registry_checks(values["formats"])
     if values["processing"]["max_wave_size"] > values["store"]["max_streams"]:
         problems.append(
             f"{_who('max_wave_size')}: {values['processing']['max_wave_size']} is more than "
             f"{_who('max_streams')} ({values['store']['max_streams']}); one wave must fit in the store"
+        )
+    return problems
+
+
+def _registry_checks(formats: dict[str, Any]) -> list[str]:
+    problems = []
+    chosen = [
+        f"{_who(name)} {formats[name]}"
+        for name in ("input_format", "output_format")
+        if formats[name] != "json"
+    ]
+    url = formats["schema_registry_url"]
+    if chosen and not url:
+        problems.append(
+            f"{_who('schema_registry_url')}: required with {' and '.join(chosen)} "
+            "(the Schema Registry that holds the schemas)"
+        )
+    if url and not chosen:
+        problems.append(
+            f"{_who('schema_registry_url')}: has no effect with the json formats; set "
+            f"{_who('input_format')} or {_who('output_format')} to avro, protobuf or json-schema"
+        )
+    if url and not re.match(r"^https?://[^/\s]+", url):
+        problems.append(f"{_who('schema_registry_url')}: expected http(s)://host[:port][/path]")
+    if bool(formats["schema_registry_username"]) != bool(formats["schema_registry_password"]):
+        problems.append(
+            f"{_who('schema_registry_username')} and {_who('schema_registry_password')}: "
+            "give both or neither"
+        )
+    path = formats["schema_registry_ca_file"]
+    if path and not os.access(path, os.R_OK):
+        problems.append(
+            f"{_who('schema_registry_ca_file')}: {path!r} does not exist or is not readable"
         )
     return problems
 

@@ -9,7 +9,10 @@
     ├── KafkaSetupError              broker, topic or group not usable at start
     ├── DeliveryError                Kafka refused an output record for good (stop uncommitted)
     ├── FlushTimeoutError            outputs not acknowledged yet (the broker is away): wait on
-    └── LocalKafkaError              the local development broker cannot start or stop
+    ├── UndecodableBatchError        the Kafka client cannot decode a fetched record batch (stop)
+    ├── SchemaRegistryError          the Schema Registry cannot be reached or refuses a request
+    ├── LocalKafkaError              the local development broker cannot start or stop
+    └── LocalRegistryError           the local development Schema Registry cannot start or stop
 
 Messages say what was wrong, with which input, and what to do about it.
 """
@@ -58,5 +61,20 @@ class FlushTimeoutError(HiddenstateError):
     """Output records are not acknowledged yet (the broker may be away); they stay queued."""
 
 
+class UndecodableBatchError(HiddenstateError):
+    """The Kafka client cannot decode a fetched record batch (a codec library missing, a
+    corrupt batch): the server stops uncommitted rather than skip the records silently.
+    The message names the partition, the offset and what to install or change."""
+
+
+class SchemaRegistryError(HiddenstateError):
+    """The Schema Registry cannot be reached, or refuses a request it should answer (not
+    bad input: a record with an unknown schema id is a dead letter, not this)."""
+
+
 class LocalKafkaError(HiddenstateError):
     """The local development broker (`hiddenstate kafka`) cannot start, stop or be found."""
+
+
+class LocalRegistryError(HiddenstateError):
+    """The local development Schema Registry (`hiddenstate registry`) cannot start or stop."""

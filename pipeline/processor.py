@@ -27,6 +27,7 @@ from prometheus_client import CollectorRegistry
 from pipeline.codec import Event, EventDecoder, PredictionEncoder, dead_letter
 from pipeline.config import ProcessingConfig, ServeConfig, TopicsConfig
 from pipeline.errors import BadEventError
+from pipeline.formats import Decoder, Encoder
 from pipeline.metrics import Metrics
 from pipeline.records import BatchResult, InputRecord, OutputRecord
 from pipeline.runtime import StepModel
@@ -59,13 +60,16 @@ class Processor:
         clock: Callable[[], float] = time.time,
         timer: Callable[[], float] = time.perf_counter,
         ttl_check_interval: float = 1.0,
+        decoder: Decoder | None = None,
+        encoder: Encoder | None = None,
     ) -> None:
         self.model = model
         self.store = store
         self.metrics = metrics if metrics is not None else Metrics(CollectorRegistry())
         spec = model.spec
-        self._decoder = EventDecoder(spec.input, processing.max_event_bytes)
-        self._encoder = PredictionEncoder(spec, topics.output_topic)
+        # JSON unless the formats (`pipeline.formats.open_formats`) say otherwise.
+        self._decoder = decoder or EventDecoder(spec.input, processing.max_event_bytes)
+        self._encoder = encoder or PredictionEncoder(spec, topics.output_topic)
         self._dead_letter_topic = topics.dead_letter_topic or f"{topics.input_topic}.dead-letter"
         self._max_wave = processing.max_wave_size
         self._x_dtype = np.int64 if spec.input.dtype == "int64" else np.float32
@@ -204,8 +208,11 @@ def make_processor(
     metrics: Metrics,
     *,
     clock: Callable[[], float] = time.time,
+    decoder: Decoder | None = None,
+    encoder: Encoder | None = None,
 ) -> Processor:
-    """A processor and its state store, wired to `metrics`, from the serving config."""
+    """A processor and its state store, wired to `metrics`, from the serving config;
+    `decoder` and `encoder` from `pipeline.formats.open_formats` (default: JSON)."""
     store = StateStore(
         model.spec.states,
         max_streams=config.store.max_streams,
@@ -219,4 +226,6 @@ def make_processor(
         processing=config.processing,
         metrics=metrics,
         clock=clock,
+        decoder=decoder,
+        encoder=encoder,
     )

@@ -20,12 +20,13 @@ from prometheus_client import CollectorRegistry
 
 from pipeline import changelog, logs
 from pipeline.config import ServeConfig, load_config
+from pipeline.formats import open_formats
 from pipeline.health import HealthServer, LoopState
 from pipeline.loop import LoopSettings, ServeLoop
 from pipeline.metrics import Metrics
 from pipeline.processor import make_processor
 from pipeline.runtime import OrtStepModel
-from pipeline.transport import RebalanceCallback, Source, open_transport
+from pipeline.transport import RebalanceCallback, Source, choose_transport, open_transport
 from pipeline.transport.topics import Topics
 
 log = logging.getLogger(__name__)
@@ -59,6 +60,9 @@ def check_topics(config: ServeConfig, changelog_topic: str) -> int:
 def run(config: ServeConfig) -> None:
     """Serve until SIGTERM/SIGINT. Raises `HiddenstateError` for start-up failures."""
     transport = open_transport(config.kafka)  # a missing client library fails first
+    log.info(
+        "Kafka client %s (%s)", transport.name, choose_transport(config.kafka.transport).reason
+    )
     model = OrtStepModel.from_config(config.runtime)
     if model.fallback:
         log.warning("--device auto: no CUDA execution provider here, serving on CPU")
@@ -69,6 +73,8 @@ def run(config: ServeConfig) -> None:
         model.spec.state_bytes,
         model.provider,
     )
+    # Registry formats check the input schema and register the output schema now.
+    decoder, encoder = open_formats(config, model.spec)
     changelog_topic = config.topics.changelog_for(model.spec.name)
     partitions = check_topics(config, changelog_topic)
     log.info(
@@ -84,7 +90,7 @@ def run(config: ServeConfig) -> None:
         model.spec, device=model.device, provider=model.provider, fallback=model.fallback
     )
     health = LoopState(config.observability.liveness_timeout_seconds)
-    processor = make_processor(model, config, metrics)
+    processor = make_processor(model, config, metrics, decoder=decoder, encoder=encoder)
     states = changelog.Changelog(
         changelog_topic, model.spec, processor.store, metrics, transport.changelog_reader()
     )

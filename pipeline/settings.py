@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 import math
 import typing
-from collections.abc import Iterator, Mapping
+from collections.abc import Collection, Iterator, Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any, NamedTuple
 
@@ -125,10 +125,17 @@ def _range(spec: Setting) -> str:
     return " " + " and ".join(parts) if parts else ""
 
 
-def add_flags(parser: argparse.ArgumentParser, sections: Mapping[str, type]) -> None:
-    """One flag per setting, grouped by section; every flag defaults to None ("not given")."""
+def add_flags(
+    parser: argparse.ArgumentParser,
+    sections: Mapping[str, type],
+    only: Collection[str] | None = None,
+) -> None:
+    """One flag per setting (of those named in `only`, when given), grouped by section;
+    every flag defaults to None ("not given")."""
     groups: dict[str, Any] = {}
     for entry in entries(sections):
+        if only is not None and entry.name not in only:
+            continue
         if entry.section not in groups:
             groups[entry.section] = parser.add_argument_group(f"{entry.section} settings")
         spec = entry.setting

@@ -25,17 +25,20 @@ BOOTSTRAP=$($H kafka start)
 EVENTS=$(wc -l < "$MODEL/holdout-events.jsonl")
 STREAMS=$($PY -c 'import json,sys; print(len({json.loads(l)["key"] for l in open(sys.argv[1])}))' "$MODEL/holdout-events.jsonl")
 step "4/6 stream: $EVENTS held-out events of $STREAMS utterances (one stream each) at 600 events/s"
-$H produce --topic "$TOPIC" --source "$MODEL/holdout-events.jsonl" --count 0 --partitions 4
-$H produce --topic "$TOPIC" --source "$MODEL/holdout-events.jsonl" --rate 600 &
+$H produce --topic "$TOPIC" --source "$MODEL/holdout-events.jsonl" --count 0 --partitions 4 \
+  --bootstrap-servers "$BOOTSTRAP"
+$H produce --topic "$TOPIC" --source "$MODEL/holdout-events.jsonl" --rate 600 \
+  --bootstrap-servers "$BOOTSTRAP" &
 producer=$!
 
 step "5/6 serve: one hidden state per stream, one onnxruntime step per event (log: artifacts/demo-serve.log)"
 $H serve --model "$MODEL/model.onnx" --input-topic "$TOPIC" --output-topic "$TOPIC.predictions" \
-  --metrics-host 127.0.0.1 --metrics-port "$PORT" \
+  --bootstrap-servers "$BOOTSTRAP" --metrics-host 127.0.0.1 --metrics-port "$PORT" \
   >artifacts/demo-serve.log 2>&1 &
 server=$!
 trap 'kill $producer $server 2>/dev/null || true' EXIT
-$H watch --topic "$TOPIC.predictions" --model "$MODEL/model.onnx" --count 20 --sample 97
+$H watch --topic "$TOPIC.predictions" --model "$MODEL/model.onnx" --count 20 --sample 97 \
+  --bootstrap-servers "$BOOTSTRAP"
 wait $producer
 
 step "6/6 metrics: http://127.0.0.1:$PORT/metrics (also /healthz, /readyz)"

@@ -2,8 +2,9 @@
 
 `hiddenstate kafka start|stop|status` runs Apache Kafka 4.x in KRaft mode on
 127.0.0.1 from the jars Maven copies out of Maven Central (pipeline/devtools/kafka/pom.xml).
-Everything lives in one folder (`.kafka/` in the checkout, or
-$HIDDENSTATE_KAFKA_HOME): `libs/` (jars), `data/` (formatted log dirs),
+Everything lives in one folder ($HIDDENSTATE_KAFKA_HOME; else `.kafka/` in a
+checkout; else the user's data folder, `~/.local/share/hiddenstate/kafka` on
+Linux: `pipeline.devtools.home`): `libs/` (jars), `data/` (formatted log dirs),
 `server.properties`, `broker.log`, `broker.pid`.
 
 Starting is idempotent: a second start finds the first broker and reuses it.
@@ -18,7 +19,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -26,11 +26,13 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
+from pipeline.devtools.home import alive as _alive
+from pipeline.devtools.home import default_home, log_tail
+from pipeline.devtools.home import port_open as _port_open
 from pipeline.errors import LocalKafkaError
 
 # The broker's Maven pom and log configuration ship inside the package (package data).
 _KAFKA_FILES = Path(__file__).resolve().parent / "kafka"
-_REPO_ROOT = Path(__file__).resolve().parents[2]
 _MIN_JAVA = 17
 
 
@@ -70,7 +72,7 @@ class LocalKafka:
 
 def from_environment() -> LocalKafka:
     """The local broker as $HIDDENSTATE_KAFKA_HOME / $HIDDENSTATE_KAFKA_PORT describe it."""
-    home = Path(os.environ.get("HIDDENSTATE_KAFKA_HOME", _REPO_ROOT / ".kafka"))
+    home = default_home("kafka", "HIDDENSTATE_KAFKA_HOME")
     port_text = os.environ.get("HIDDENSTATE_KAFKA_PORT", "9092")
     if not port_text.isdigit() or not 0 < int(port_text) < 65535:
         raise LocalKafkaError(
@@ -316,30 +318,8 @@ def _broker_answers(bootstrap: str) -> bool:
         kafka_log.setLevel(level)
 
 
-def _port_open(port: int) -> bool:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.settimeout(0.5)
-        return sock.connect_ex(("127.0.0.1", port)) == 0
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    # A zombie has exited; only its parent has not reaped it yet.
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0]
-    except FileNotFoundError:
-        return False
-    return state != "Z"
-
-
-def _log_tail(kafka: LocalKafka, lines: int = 30) -> str:
-    try:
-        return "\n".join(kafka.log_file.read_text(errors="replace").splitlines()[-lines:])
-    except FileNotFoundError:
-        return "(no log written)"
+def _log_tail(kafka: LocalKafka) -> str:
+    return log_tail(kafka.log_file)
 
 
 def main(argv: list[str]) -> int:
@@ -347,8 +327,8 @@ def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(
         prog="hiddenstate kafka",
         description="Run a single-node Apache Kafka 4 (KRaft) broker on 127.0.0.1 for "
-        "development and tests. Folder: $HIDDENSTATE_KAFKA_HOME (default .kafka/ in the "
-        "checkout); port: $HIDDENSTATE_KAFKA_PORT (default 9092, controller on port+1).",
+        "development and tests. Folder: $HIDDENSTATE_KAFKA_HOME (default .kafka/ in a "
+        "checkout, else the user's data folder); port: $HIDDENSTATE_KAFKA_PORT (default 9092, controller on port+1).",
     )
     sub = parser.add_subparsers(dest="action", required=True)
     start_parser = sub.add_parser("start", help="start the broker, or find it running")

@@ -19,6 +19,7 @@ from kafka import KafkaConsumer
 
 from pipeline.errors import ConfigError
 from pipeline.model_spec import ModelSpec, OutputSpec
+from pipeline.transport.topics import Topics
 
 
 def describe(outputs: dict[str, Any], specs: dict[str, OutputSpec]) -> str:
@@ -39,6 +40,25 @@ def describe(outputs: dict[str, Any], specs: dict[str, OutputSpec]) -> str:
         else:
             parts.append(f"{name}: {json.dumps(value)[:60]}")
     return "; ".join(parts)
+
+
+def wait_for_topic(bootstrap_servers: str, topic: str, timeout: float) -> bool:
+    """Wait until `topic` exists (`serve` creates its output topic at start). Subscribing
+    before would have kafka-python log an ERROR for every metadata refresh until then."""
+    topics = Topics({"bootstrap_servers": [s.strip() for s in bootstrap_servers.split(",")]})
+    try:
+        deadline = time.monotonic() + timeout
+        announced = False
+        while topics.partitions(topic) is None:
+            if time.monotonic() > deadline:
+                return False
+            if not announced:
+                print(f"waiting for topic {topic} (serve creates it)", file=sys.stderr)
+                announced = True
+            time.sleep(0.2)
+        return True
+    finally:
+        topics.close()
 
 
 def _output_specs(model_path: str | None) -> dict[str, OutputSpec]:
@@ -74,6 +94,9 @@ def main(argv: list[str]) -> int:
     args = parser.parse_args(argv)
 
     specs = _output_specs(args.model)
+    if not wait_for_topic(args.bootstrap_servers, args.topic, args.timeout):
+        print(f"topic {args.topic} did not appear within {args.timeout:.0f} s", file=sys.stderr)
+        return 1
     consumer = KafkaConsumer(
         args.topic,
         bootstrap_servers=args.bootstrap_servers,

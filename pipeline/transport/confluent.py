@@ -47,7 +47,7 @@ from confluent_kafka import (
 )
 
 from pipeline.config import KafkaConfig
-from pipeline.errors import DeliveryError, FlushTimeoutError
+from pipeline.errors import DeliveryError, FlushTimeoutError, UndecodableBatchError
 from pipeline.records import InputRecord, OutputRecord
 from pipeline.transport.base import (
     DELIVERY_TIMEOUT_S,
@@ -82,6 +82,26 @@ _DEFERRABLE_COMMIT_ERRORS = frozenset(
 )
 _ERROR_LOG_INTERVAL_S = 10.0
 
+# A fetched batch librdkafka could not decode: it reports the error at the batch's
+# offset and carries on past it. Serving on would skip those records silently.
+_UNDECODABLE = frozenset(
+    {KafkaError._BAD_MSG, KafkaError._BAD_COMPRESSION, KafkaError._UNSUPPORTED_FEATURE}
+)
+
+
+def undecodable_batch(
+    topic: str | None, partition: int | None, offset: int | None, error: KafkaError
+) -> UndecodableBatchError:
+    """The named error for a batch librdkafka reports as undecodable: where, and what to do."""
+    return UndecodableBatchError(
+        f"cannot decode the record batch of {topic}[{partition}] at offset {offset}: "
+        f"{error.str()} ({error.name()}). librdkafka reads gzip, snappy, lz4 and zstd, so the "
+        "batch is corrupt or in a format this client does not know; the server stops rather "
+        "than skip it. Check the producer and the broker's log; to skip the batch "
+        "deliberately, move the group's offset past it "
+        "(kafka-consumer-groups.sh --reset-offsets --to-offset)"
+    )
+
 
 class ConfluentTransport:
     """`Transport` over confluent-kafka (librdkafka)."""
@@ -107,7 +127,9 @@ class ConfluentTransport:
         return ConfluentSource(config, topic, on_assigned, on_revoked, on_lost)
 
     def sink(self, transactional_id: str | None) -> ConfluentSink:
-        return ConfluentSink(self._kafka.librdkafka_config(), transactional_id=transactional_id)
+        return ConfluentSink(
+            self._kafka.librdkafka_producer_config(), transactional_id=transactional_id
+        )
 
     def changelog_reader(self) -> ConfluentChangelogReader:
         return ConfluentChangelogReader(self._kafka.librdkafka_config())
@@ -215,6 +237,8 @@ class ConfluentSource:
         error = message.error()
         if error.fatal():
             raise KafkaException(error)
+        if error.code() in _UNDECODABLE:
+            raise undecodable_batch(message.topic(), message.partition(), message.offset(), error)
         self._errors(error)
 
     def commit(self, offsets: Offsets) -> bool:

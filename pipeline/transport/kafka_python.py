@@ -1,4 +1,4 @@
-"""The kafka-python transport (`--transport kafka-python`, the default).
+"""The kafka-python transport (`--transport kafka-python`; `auto` without confluent-kafka).
 
 Pure Python: every fetched record is parsed, and every produced one built,
 by the interpreter that also serves the model (FIELD-NOTES: about 3 us to
@@ -16,11 +16,17 @@ from typing import Any
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.consumer.subscription_state import AsyncConsumerRebalanceListener
 from kafka.coordinator.assignors.cooperative_sticky import CooperativeStickyAssignor
-from kafka.errors import KafkaError, KafkaTimeoutError, RebalanceInProgressError
+from kafka.errors import (
+    CorruptRecordError,
+    KafkaError,
+    KafkaTimeoutError,
+    RebalanceInProgressError,
+    UnsupportedCodecError,
+)
 from kafka.structs import OffsetAndMetadata
 
 from pipeline.config import KafkaConfig
-from pipeline.errors import DeliveryError, FlushTimeoutError
+from pipeline.errors import DeliveryError, FlushTimeoutError, UndecodableBatchError
 from pipeline.records import InputRecord, OutputRecord
 from pipeline.transport.base import (
     DELIVERY_TIMEOUT_S,
@@ -56,7 +62,7 @@ class KafkaPythonTransport:
         return KafkaSource(kwargs, topic, on_assigned, on_revoked, on_lost)
 
     def sink(self, transactional_id: str | None) -> KafkaSink:
-        return KafkaSink(self._kafka.client_kwargs(), transactional_id=transactional_id)
+        return KafkaSink(self._kafka.producer_kwargs(), transactional_id=transactional_id)
 
     def changelog_reader(self) -> KafkaChangelogReader:
         return KafkaChangelogReader(self._kafka.client_kwargs())
@@ -144,7 +150,10 @@ class KafkaSource:
         self._consumer.subscribe([topic], listener=_Listener(self._consumer, callbacks))
 
     def poll(self, timeout_s: float, max_records: int) -> list[InputRecord]:
-        batches = self._consumer.poll(timeout_ms=int(timeout_s * 1000), max_records=max_records)
+        try:
+            batches = self._consumer.poll(timeout_ms=int(timeout_s * 1000), max_records=max_records)
+        except (UnsupportedCodecError, CorruptRecordError) as exc:
+            raise undecodable_batch(self._consumer, exc) from exc
         return [InputRecord.from_kafka(r) for records in batches.values() for r in records]
 
     def commit(self, offsets: Offsets) -> bool:
@@ -178,6 +187,40 @@ class KafkaSource:
 
     def close(self) -> None:
         self._consumer.close(autocommit=False)
+
+
+def undecodable_batch(consumer: KafkaConsumer, exc: KafkaError) -> UndecodableBatchError:
+    """A named error for a fetched batch kafka-python cannot decode: which partition and
+    offset, and what to install or change.
+
+    kafka-python raises it from inside `poll` without saying where; the fetcher still
+    holds the failing partition's fetch, at the offset it could not read past
+    (`_next_partition_records`, kafka-python 3.0's fetcher: a private attribute, read
+    defensively). Without it, every assigned partition's position is listed."""
+    fetch = getattr(getattr(consumer, "_fetcher", None), "_next_partition_records", None)
+    tp = getattr(fetch, "topic_partition", None)
+    if fetch is not None and tp is not None:
+        where = f"{tp.topic}[{tp.partition}] at offset {fetch.next_fetch_offset}"
+    else:
+        positions = ", ".join(
+            f"{p.topic}[{p.partition}]@{consumer.position(p)}"
+            for p in sorted(consumer.assignment())
+        )
+        where = f"one of {positions or 'the assigned partitions'}"
+    if isinstance(exc, UnsupportedCodecError):
+        return UndecodableBatchError(
+            f"cannot decode the record batch of {where}: {exc}. kafka-python reads snappy, lz4 "
+            "and zstd batches with the python-snappy, lz4 and zstandard packages, which "
+            "`pip install hiddenstate` installs: install the missing one (pip install "
+            "python-snappy lz4 zstandard), or serve with --transport confluent (librdkafka "
+            "reads every codec)"
+        )
+    return UndecodableBatchError(
+        f"the record batch of {where} is corrupt ({exc}): it fails its checksum or does not "
+        "parse, so the server stops rather than skip it. Check the broker's log for damaged "
+        "segments; to skip the batch deliberately, move the group's offset past it "
+        "(kafka-consumer-groups.sh --reset-offsets --to-offset)"
+    )
 
 
 class KafkaSink:

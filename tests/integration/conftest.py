@@ -1,4 +1,4 @@
-"""Fixtures for tests against a real Kafka broker.
+"""Fixtures for tests against a real Kafka broker and a real Schema Registry.
 
 The broker is chosen once per session, in this order:
 1. $KAFKA_BOOTSTRAP_SERVERS, when set: a broker you run (nothing is started);
@@ -6,6 +6,13 @@ The broker is chosen once per session, in this order:
    here if it is not running, and stopped at the end if this session started it);
 3. where a Docker engine answers, a Kafka container from testcontainers.
 No broker at all is a failure, not a skip: these tests exist to run.
+
+The Schema Registry likewise: $SCHEMA_REGISTRY_URL (its Confluent-compatible
+API), else the local Apicurio Registry of `hiddenstate registry start` (Java 21+
+and Maven), started here if needed and stopped if this session started it.
+
+Events "from elsewhere" are written by kcat (librdkafka's command-line client,
+Debian's `kcat`), which `.ci/run` installs.
 """
 
 from __future__ import annotations
@@ -28,7 +35,7 @@ from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.admin import NewTopic
 from prometheus_client.parser import text_string_to_metric_families
 
-from pipeline.devtools import local_kafka
+from pipeline.devtools import local_kafka, local_registry
 from pipeline.errors import LocalKafkaError
 from pipeline.testing import StepWeights, random_weights, write_onnx_step
 
@@ -69,6 +76,51 @@ def kafka_bootstrap() -> Iterator[str]:
         from testcontainers.kafka import KafkaContainer
     with KafkaContainer("confluentinc/cp-kafka:7.6.0").with_kraft() as container:
         yield container.get_bootstrap_server()
+
+
+@pytest.fixture(scope="session")
+def registry_url() -> Iterator[str]:
+    """The Confluent-compatible API of a real Schema Registry for this test session."""
+    given = os.environ.get("SCHEMA_REGISTRY_URL")
+    if given:
+        yield given
+        return
+    registry = local_registry.from_environment()
+    started_here = local_registry.running_pid(registry) is None
+    yield local_registry.start(registry)
+    if started_here:
+        local_registry.stop(registry)
+
+
+REGISTRY_TIMEOUT_S = 10.0
+
+
+@pytest.fixture(scope="session")
+def registry_client(registry_url: str):
+    """confluent-kafka's registry client, every request under a timeout."""
+    from confluent_kafka.schema_registry import SchemaRegistryClient
+
+    return SchemaRegistryClient({"url": registry_url, "timeout": REGISTRY_TIMEOUT_S})
+
+
+def kcat_produce(
+    bootstrap: str, topic: str, records: Iterable[tuple[bytes, bytes]], codec: str = "none"
+) -> None:
+    """Write (key, value) records with kcat (librdkafka), compressed with `codec`, and
+    wait until every one is acknowledged (kcat exits non-zero otherwise)."""
+    records = list(records)
+    assert not any(b"\t" in key or b"\n" in key + value for key, value in records), (
+        "kcat reads one record per line, the key before the first tab"
+    )
+    lines = b"".join(key + b"\t" + value + b"\n" for key, value in records)
+    result = subprocess.run(
+        ["kcat", "-P", "-b", bootstrap, "-t", topic, "-K", "\t", "-z", codec, "-X", "acks=all"],
+        input=lines,
+        capture_output=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr.decode(errors="replace")
 
 
 @dataclass
@@ -197,7 +249,13 @@ def free_port() -> int:
 class Served:
     """One `hiddenstate serve` process, driven as an operator would: flags, HTTP, signals."""
 
-    def __init__(self, args: list[str], log_path: Path, metrics_port: int) -> None:
+    def __init__(
+        self,
+        args: list[str],
+        log_path: Path,
+        metrics_port: int,
+        env: dict[str, str] | None = None,
+    ) -> None:
         self.args = args
         self.log_path = log_path
         self.metrics_url = f"http://127.0.0.1:{metrics_port}"
@@ -207,6 +265,7 @@ class Served:
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 cwd=_REPO_ROOT,
+                env=None if env is None else {**os.environ, **env},
             )
 
     def get(self, path: str) -> tuple[int, str]:
@@ -278,15 +337,23 @@ def serve_transport(pytestconfig: pytest.Config) -> str:
 def serve(
     kafka_bootstrap: str, tmp_path: Path, serve_transport: str
 ) -> Iterator[Callable[..., Served]]:
-    """Start `hiddenstate serve` processes; all are killed at the end of the test."""
+    """Start `hiddenstate serve` processes; all are killed at the end of the test.
+    `transport`: the session's by default, another by name, or None for no flag at all
+    (the server's default); `env`: extra environment variables."""
     started: list[Served] = []
+    session_transport = serve_transport
 
-    def start(*args: str, ready: bool = True) -> Served:
+    def start(
+        *args: str,
+        ready: bool = True,
+        transport: str | None = session_transport,
+        env: dict[str, str] | None = None,
+    ) -> Served:
         port = free_port()
+        chosen = ["--transport", transport] if transport else []
         served = Served(
             [
-                "--transport",
-                serve_transport,
+                *chosen,
                 "--bootstrap-servers",
                 kafka_bootstrap,
                 "--metrics-port",
@@ -297,6 +364,7 @@ def serve(
             ],
             tmp_path / f"serve-{len(started)}.log",
             port,
+            env,
         )
         started.append(served)
         if ready:

@@ -8,6 +8,7 @@ from pipeline.config import (
     ServeConfig,
     TopicsConfig,
     add_arguments,
+    client_from_sources,
     from_sources,
     load_config,
     settings_markdown,
@@ -300,3 +301,83 @@ def test_the_session_timeout_reaches_both_clients_with_a_heartbeat_a_third_of_it
 def test_the_default_session_timeout_keeps_the_clients_default_heartbeat():
     kafka = load(session_timeout_ms="45000").kafka
     assert kafka.consumer_kwargs()["heartbeat_interval_ms"] == 3000
+
+
+def test_the_transport_defaults_to_auto():
+    assert load().kafka.transport == "auto"
+
+
+@pytest.mark.parametrize("codec", ["gzip", "snappy", "lz4", "zstd"])
+def test_the_compression_type_reaches_both_producers_and_no_consumer(codec):
+    kafka = load("--compression-type", codec).kafka
+    assert kafka.producer_kwargs()["compression_type"] == codec
+    assert kafka.librdkafka_producer_config()["compression.type"] == codec
+    assert "compression_type" not in kafka.consumer_kwargs()
+
+
+def test_no_compression_type_leaves_each_clients_default():
+    kafka = load().kafka
+    assert "compression_type" not in kafka.producer_kwargs()
+    assert "compression.type" not in kafka.librdkafka_producer_config()
+
+
+def test_a_registry_format_without_a_registry_url_is_refused_by_name():
+    with pytest.raises(ConfigError, match=r"--schema-registry-url .* required with --input-format"):
+        load("--input-format", "avro")
+
+
+def test_a_registry_url_with_json_both_ways_has_no_effect_and_is_refused():
+    with pytest.raises(ConfigError, match="has no effect with the json formats"):
+        load("--schema-registry-url", "http://127.0.0.1:8081")
+
+
+def test_a_registry_user_without_a_password_is_refused():
+    with pytest.raises(ConfigError, match="give both or neither"):
+        load(
+            "--output-format",
+            "avro",
+            "--schema-registry-url",
+            "http://r:8081",
+            "--schema-registry-username",
+            "u",
+        )
+
+
+def test_the_registry_password_is_masked_in_the_description():
+    config = load(
+        "--output-format",
+        "protobuf",
+        "--schema-registry-url",
+        "https://r:8081",
+        schema_registry_username="u",
+        schema_registry_password="hunter2",
+    )
+    assert "hunter2" not in config.describe()
+    assert "schema_registry_password = ***" in config.describe()
+
+
+def test_client_settings_for_produce_are_checked_like_serves():
+    with pytest.raises(
+        ConfigError, match="--sasl-mechanism / HIDDENSTATE_SASL_MECHANISM: required"
+    ):
+        client_from_sources(
+            {"bootstrap_servers": "b:9092"},
+            {"HIDDENSTATE_SECURITY_PROTOCOL": "SASL_SSL"},
+            registry_needed=False,
+        )
+
+
+def test_client_settings_build_the_producers_keyword_arguments():
+    kafka, _ = client_from_sources(
+        {"bootstrap_servers": "b:9092", "compression_type": "lz4"},
+        {"HIDDENSTATE_SASL_PLAIN_USERNAME": "u"},
+        registry_needed=False,
+    )
+    assert kafka.producer_kwargs()["bootstrap_servers"] == ["b:9092"]
+    assert kafka.producer_kwargs()["compression_type"] == "lz4"
+    assert kafka.producer_kwargs()["sasl_plain_username"] == "u"
+
+
+def test_client_settings_need_the_registry_url_for_a_registry_format():
+    with pytest.raises(ConfigError, match="required with a registry format"):
+        client_from_sources({}, {}, registry_needed=True)

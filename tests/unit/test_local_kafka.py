@@ -1,6 +1,6 @@
 import pytest
 
-from pipeline.devtools import local_kafka
+from pipeline.devtools import home, local_kafka
 from pipeline.errors import LocalKafkaError
 
 
@@ -54,3 +54,22 @@ def test_single_node_settings_let_groups_and_transactions_work(tmp_path):
         "listeners=PLAINTEXT://127.0.0.1:19092,CONTROLLER://127.0.0.1:19093",
     ):
         assert line in text.splitlines()
+
+
+def test_the_environment_variable_names_the_brokers_folder_first(monkeypatch, tmp_path):
+    monkeypatch.setenv("HIDDENSTATE_KAFKA_HOME", str(tmp_path / "given"))
+    assert local_kafka.from_environment().home == tmp_path / "given"
+
+
+def test_in_a_checkout_the_broker_lives_in_dot_kafka_at_its_root(monkeypatch):
+    monkeypatch.delenv("HIDDENSTATE_KAFKA_HOME", raising=False)
+    assert home.in_checkout()
+    assert local_kafka.from_environment().home == home._REPO_ROOT / ".kafka"
+
+
+def test_outside_a_checkout_the_broker_lives_in_the_users_data_folder(monkeypatch, tmp_path):
+    monkeypatch.delenv("HIDDENSTATE_KAFKA_HOME", raising=False)
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "data"))
+    monkeypatch.setattr(home, "_REPO_ROOT", tmp_path / "site-packages")
+    assert not home.in_checkout()
+    assert local_kafka.from_environment().home == tmp_path / "data" / "hiddenstate" / "kafka"

@@ -141,11 +141,19 @@ def test_the_cpu_image_installs_neither_torch_nor_the_export_extra_nor_onnxrunti
     dockerfile = parse(REPO / "docker" / "Dockerfile")
     build = dockerfile.stage("build")
     installs = " ".join(build.all("RUN"))
-    assert "pip install -c constraints.txt ." in installs
+    assert "pip install -c constraints.txt '.[fast,registry]'" in installs
     for unwanted in ("torch", "[export", "onnxruntime-gpu"):
         assert unwanted not in installs
     assert "export/" not in copy_sources(build, dockerfile.global_args)
     assert dockerfile.global_args["PYTHON_IMAGE"].endswith("-slim-bookworm")
+
+
+@pytest.mark.parametrize("name", ["Dockerfile", "Dockerfile.cuda"])
+def test_both_images_install_the_fast_path_the_readme_measures(name: str) -> None:
+    build = parse(REPO / "docker" / name).stage("build")
+    installs = " ".join(build.all("RUN"))
+    (extras,) = re.findall(r"pip install -c constraints.txt '\.\[([a-z,]+)\]'", installs)
+    assert {"fast", "registry"} <= set(extras.split(","))
 
 
 def test_the_cuda_image_installs_onnxruntime_gpu_instead_of_onnxruntime() -> None:
