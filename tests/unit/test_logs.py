@@ -123,7 +123,8 @@ def test_serve_in_json_mode_writes_the_configuration_as_one_record_then_its_erro
         "--input-topic", "events", "--output-topic", "predictions",
         HIDDENSTATE_SASL_PLAIN_PASSWORD="hunter2",
     )  # fmt: skip
-    start, error = (json.loads(line) for line in lines)
+    records = [json.loads(line) for line in lines]  # every line is one JSON object
+    start, error = records[0], records[-1]
     assert start["message"] == "starting"
     assert start["config"]["input_topic"] == "events"
     assert start["config"]["sasl_plain_password"] == "***"
