@@ -179,6 +179,13 @@ class Metrics:
             ["reason"],
             registry=registry,
         )
+        self.rewinds = Counter(
+            p + "rewinds",
+            "Times uncommitted work was thrown away (a refused or aborted checkpoint, a lost "
+            "partition, a stand-still past the session timeout) and the partitions held went "
+            "back to their last commit.",
+            registry=registry,
+        )
         # -- histograms
         self.inference_seconds = BatchHistogram(
             p + "inference_seconds",
