@@ -107,7 +107,7 @@ class Member:
     def steps(self) -> dict[bytes, int]:
         """Each stream's step count in memory now."""
         store = self.processor.store
-        snapshots = {key: store.snapshot(key) for key in store.keys()}
+        snapshots = {key: store.snapshot(key) for key in store}
         return {key: s.step for key, s in snapshots.items() if s is not None}
 
 
@@ -314,7 +314,7 @@ def test_revoked_partitions_are_checkpointed_then_their_streams_dropped(kafka, m
     first.serve()
     member(name="m1")  # joins: one partition moves to it
     first.serve()
-    moved = [p for kind, p in kafka.journal if kind == "revoked"][0]
+    moved = next(p for kind, p in kafka.journal if kind == "revoked")
     assert len(moved) == 1
     assert all(kafka.committed("group", INPUT, p) for p in moved)
     kept = {k for k, p in visible(kafka, CHANGELOG) if p not in moved}
@@ -468,7 +468,7 @@ def test_offsets_of_a_partition_whose_revocation_checkpoint_failed_are_never_com
     monkeypatch.setattr(states, "commit", commit_failing_once)
     member(name="m1")
     first.serve()  # the revocation's checkpoint fails: thrown away, the rest rewound
-    moved = [p for kind, p in kafka.journal if kind == "revoked"][0]
+    moved = next(p for kind, p in kafka.journal if kind == "revoked")
     first.serve(2)  # serves the partition it keeps again
     first.loop.stop()
     first.loop.run()
