@@ -215,13 +215,18 @@ class Changelog:
         self._metrics.snapshots_written.labels("tombstone").inc(len(tombstones))
         return records
 
-    def restore(self, partitions: list[int]) -> None:
+    def restore(self, partitions: list[int], progress: Callable[[], None]) -> None:
         """Read the changelog partitions of newly assigned input partitions to their end
-        and put their streams' newest states into the store."""
+        and put their streams' newest states into the store. `progress()` is called as
+        records arrive (the loop beats its liveness with it: a long restore that moves
+        is not a stuck server)."""
         started = time.monotonic()
-        latest, read = self._reader.read_latest(
-            self.topic, partitions, self._metrics.restore_remaining_records.set
-        )
+
+        def remaining(records: int) -> None:
+            self._metrics.restore_remaining_records.set(records)
+            progress()
+
+        latest, read = self._reader.read_latest(self.topic, partitions, remaining)
         restored, discarded = self._apply(latest)
         seconds = time.monotonic() - started
         self._metrics.restore_seconds.observe(seconds)

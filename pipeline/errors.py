@@ -8,7 +8,12 @@
     ├── BadEventError                one input record cannot be served (goes to the dead-letter topic)
     ├── KafkaSetupError              broker, topic or group not usable at start
     ├── DeliveryError                Kafka refused an output record for good (stop uncommitted)
-    ├── FlushTimeoutError            outputs not acknowledged yet (the broker is away): wait on
+    ├── KafkaUnavailableError        the broker did not answer a call within its bound
+    │   ├── FlushTimeoutError        outputs not acknowledged yet (the broker is away): wait on
+    │   ├── TransactionTimeoutError  a transaction call did not finish: its fate is unknown
+    │   └── RestoreStalledError      a changelog restore read nothing for too long
+    ├── TransactionAbortedError      the broker refused a transaction: nothing of it is visible
+    ├── FencedError                  another producer took this transactional id: stop
     ├── UndecodableBatchError        the Kafka client cannot decode a fetched record batch (stop)
     ├── SchemaRegistryError          the Schema Registry cannot be reached or refuses a request
     ├── LocalKafkaError              the local development broker cannot start or stop
@@ -57,8 +62,31 @@ class DeliveryError(HiddenstateError):
     """Kafka refused an output record for good; nothing of its batch may be committed."""
 
 
-class FlushTimeoutError(HiddenstateError):
+class KafkaUnavailableError(HiddenstateError):
+    """The broker did not answer a call within its bound (it is away, or cut off)."""
+
+
+class FlushTimeoutError(KafkaUnavailableError):
     """Output records are not acknowledged yet (the broker may be away); they stay queued."""
+
+
+class TransactionTimeoutError(KafkaUnavailableError):
+    """A transaction call did not finish in time: whether the transaction committed is
+    unknown until the producer aborts it or a new one with its transactional id starts."""
+
+
+class RestoreStalledError(KafkaUnavailableError):
+    """A changelog restore read no record for longer than its bound while some were left."""
+
+
+class TransactionAbortedError(HiddenstateError):
+    """The broker refused to commit a transaction (this member is no longer in the group
+    generation it served for): nothing of it became visible."""
+
+
+class FencedError(HiddenstateError):
+    """A producer with the same transactional id started elsewhere: this process is a
+    zombie and must stop (two servers with one --instance-id, or a restart raced it)."""
 
 
 class UndecodableBatchError(HiddenstateError):

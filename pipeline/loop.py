@@ -1,24 +1,24 @@
-"""The serving loop: poll, step, publish, acknowledge, checkpoint.
+"""The serving loop: poll, step, hand over to the committer, rewind when it must.
 
-    poll ──> Processor.process ──> send predictions + dead letters
-                                      │ at-least-once: flush (wait for acks) every batch
-                                      ▼
-    every checkpoint interval: write changed states to the changelog, wait for
-    their acks, then commit the input offsets (exactly-once: all of it, with
-    the predictions, in one Kafka transaction)
+    poll ──> Processor.process ──> committer.send(result)      (pipeline.delivery)
+      │                               at-least-once: outputs acknowledged every batch,
+      │                               states + offsets in one transaction per checkpoint
+      │                               exactly-once: everything in one transaction
+      └─ rebalance callbacks run inside poll, between two batches:
+           assigned -> restore their states from the changelog, then serve them
+           revoked  -> checkpoint everything, then drop their streams
+           lost     -> write nothing more of them; drop their streams
 
-At-least-once, a checkpoint with many changed streams is spread over the
-next batches: the changed states are copied at once (so they match the
-offsets to commit), then each batch sends a share of their snapshots before
-its own flush, and the offsets are committed after the flush that
-acknowledged the last share. Sending tens of thousands of snapshots at once
-stopped the loop for 25 ms (confluent) to 150 ms (kafka-python): the events
-waiting meanwhile were the latency's tail (docs/benchmarks.md).
+What the loop itself owns is the rewind: whenever uncommitted work had to be
+thrown away (a checkpoint the broker refused, a lost partition under an open
+transaction, a stand-still long enough to have been evicted), every partition
+it still holds goes back to its last commit: its streams are dropped, its
+states restored from the changelog and its position moved back to the
+committed offset. A hidden state is a pure function of its stream's events,
+so restore + replay gives back exactly the states of an uninterrupted run.
 
-Offsets are committed only after everything produced from them is
-acknowledged, so a crash can repeat predictions but never lose one. The loop is
-effectively single-threaded: the rebalance callbacks run while the serving
-thread waits inside `poll` (`pipeline.transport`), between two batches, so no
+The loop is effectively single-threaded: the rebalance callbacks run while
+the serving thread waits inside `poll` (`pipeline.transport.base`), so no
 batch is ever half done when partitions move.
 """
 
@@ -30,12 +30,27 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-from pipeline.errors import DeliveryError, FlushTimeoutError
+from tenacity import (
+    RetryCallState,
+    Retrying,
+    retry_if_exception_type,
+    stop_after_delay,
+    wait_exponential,
+)
+
+from pipeline.delivery import Committer
+from pipeline.errors import (
+    DeliveryError,
+    KafkaUnavailableError,
+    TransactionAbortedError,
+    TransactionTimeoutError,
+)
 from pipeline.health import LoopState
 from pipeline.metrics import Metrics
+from pipeline.pause import PauseWatch
 from pipeline.records import BatchResult, InputRecord, OutputRecord
 from pipeline.state_store import StateStore
-from pipeline.transport import RebalanceCallback, Sink, Source
+from pipeline.transport import RebalanceCallback, Source
 
 log = logging.getLogger(__name__)
 
@@ -46,21 +61,13 @@ class LoopSettings:
 
     poll_timeout_s: float = 0.1
     max_poll_records: int = 2000
-    checkpoint_interval_s: float = 5.0
-    checkpoint_interval_events: int = 0  # 0: by time only
-    exactly_once: bool = False
-    # How long one wait for acknowledgements lasts before the loop beats its
-    # liveness heartbeat and waits again (the producer's own delivery timeout
-    # decides when a record is given up).
-    flush_wait_s: float = 5.0
     # Consumer lag is read at most this often: a gauge scraped every few
     # seconds gains nothing from a reading per poll, which costs a client call
     # and a labelled gauge update per partition.
     lag_interval_s: float = 1.0
-    # A spread checkpoint sends, per batch, snapshots in shares of this many
-    # records for as long as this budget lasts (at least one share).
-    checkpoint_share_records: int = 200
-    checkpoint_share_s: float = 0.002
+    # How long a rewind keeps trying while the broker is away (it needs the
+    # committed offsets and the changelog) before the server exits with the reason.
+    outage_patience_s: float = 300.0
 
 
 class BatchProcessor(Protocol):
@@ -82,27 +89,13 @@ class Checkpointer(Protocol):
         Each record's partition is the input partition its stream was read from."""
         ...
 
-    def restore(self, partitions: list[int]) -> None:
-        """Load the states of newly assigned input partitions before they are served."""
+    def restore(self, partitions: list[int], progress: Callable[[], None]) -> None:
+        """Load the states of `partitions` into the store before they are served, calling
+        `progress()` whenever records arrive."""
         ...
 
 
 SourceFactory = Callable[[RebalanceCallback, RebalanceCallback, RebalanceCallback], Source]
-
-
-@dataclass
-class _Spread:
-    """An at-least-once checkpoint in progress: its changelog records, sent a share
-    per batch, and the offsets it commits once the last share is acknowledged."""
-
-    records: list[OutputRecord]
-    offsets: dict[tuple[str, int], int]
-    started: float
-    sent: int = 0
-
-    @property
-    def all_sent(self) -> bool:
-        return self.sent == len(self.records)
 
 
 class ServeLoop:
@@ -112,36 +105,40 @@ class ServeLoop:
         self,
         settings: LoopSettings,
         processor: BatchProcessor,
-        sink: Sink,
+        committer: Committer,
         make_source: SourceFactory,
         metrics: Metrics,
         health: LoopState,
         checkpointer: Checkpointer | None = None,
+        pause: PauseWatch | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self._settings = settings
         self._processor = processor
-        self._sink = sink
+        self._committer = committer
         self._metrics = metrics
         self._health = health
         self._checkpointer = checkpointer
+        self._pause = pause
         self._clock = clock
         self._stopping = False
         self._assigned: set[int] = set()
-        self._pending_offsets: dict[tuple[str, int], int] = {}
-        self._events_since_checkpoint = 0
-        self._last_checkpoint = clock()
         self._last_lag = float("-inf")
-        self._in_transaction = False
-        self._spread: _Spread | None = None
-        # Exactly-once: event times of predictions that become visible at the next commit.
-        self._uncommitted_event_times: list[int] = []
+        # Partitions whose streams were thrown away ahead of their last commit: the loop
+        # takes them back to it (`_rewind`) as soon as the next poll returns.
+        self._to_rewind: set[int] = set()
+        self._rewind_due = False
         self._source = make_source(self._on_assigned, self._on_revoked, self._on_lost)
 
     @property
     def assigned(self) -> frozenset[int]:
         """Input partitions this consumer serves now."""
         return frozenset(self._assigned)
+
+    @property
+    def stopping(self) -> bool:
+        """True once a stop was asked for."""
+        return self._stopping
 
     def stop(self) -> None:
         """Ask the loop to leave after the batch in hand (safe from a signal handler)."""
@@ -153,171 +150,142 @@ class ServeLoop:
         try:
             while not self._stopping:
                 self.run_once()
-            self._checkpoint()
-            log.info("stopped cleanly: outputs flushed and offsets committed")
+            self._final_checkpoint()
         finally:
             self._close()
 
     def run_once(self) -> None:
         """One poll and everything that follows from it."""
         self._health.beat()
+        if self._pause is not None:
+            self._pause.mark()
         records = self._source.poll(self._settings.poll_timeout_s, self._settings.max_poll_records)
-        if records:
-            self._begin_transaction_if_needed()
+        if self._rewind_due:
+            self._rewind()  # what this poll returned is read again
+            return
         result = self._processor.process(records)
-        if records:
-            self._sink.send(result.outputs)
-            if self._settings.exactly_once:
-                self._uncommitted_event_times += result.event_times_ms
-            else:
-                self._send_checkpoint_share()  # acknowledged by the flush that follows
-                self._flush()
-                self._metrics.observe_end_to_end(result.event_times_ms, self._clock())
-                self._commit_if_checkpoint_sent()
-            self._pending_offsets.update(result.next_offsets)
-            self._events_since_checkpoint += len(records)
-        elif self._spread is not None:
-            self._finish_spread()  # idle: no waiting events to protect, finish it now
+        stood_still = self._pause.stood_still() if self._pause is not None else 0.0
+        if stood_still:
+            # Rewound after the next poll, which tells the client whether it was evicted.
+            self._throw_away(
+                f"the process stood still for {stood_still:.1f} s, long enough to have been "
+                "evicted from the group; nothing of the batch in hand was sent"
+            )
+            return
+        try:
+            self._committer.send(result, self._source.group_metadata)
+        except (TransactionAbortedError, TransactionTimeoutError) as error:
+            self._metrics.count_commit_failure()
+            self._throw_away(str(error))
+            return
+        except DeliveryError:
+            self._metrics.count_delivery_error()
+            raise
         now = self._clock()
         if now - self._last_lag >= self._settings.lag_interval_s:
             self._last_lag = now
             for partition, lag in self._source.lag().items():
                 self._metrics.set_lag(partition, lag)
-        if self._spread is None and self._checkpoint_due():
-            if self._settings.exactly_once:
-                self._checkpoint()
-            else:
-                self._begin_spread()
 
-    def _flush(self) -> None:
-        """Wait for every output's acknowledgement, however long the broker is away,
-        beating the liveness heartbeat meanwhile: an outage is not a stuck loop.
-        Records the producer gives up on (after its delivery timeout) raise
-        `DeliveryError`, which stops the server uncommitted."""
-        while True:
-            try:
-                self._sink.flush(self._settings.flush_wait_s)
-                return
-            except FlushTimeoutError:
-                self._health.beat()
-                log.warning("outputs not acknowledged yet; still waiting for the broker")
-            except DeliveryError:
-                self._metrics.count_delivery_error()
-                raise
-
-    def _checkpoint_due(self) -> bool:
-        by_events = self._settings.checkpoint_interval_events
-        if by_events and self._events_since_checkpoint >= by_events:
-            return True
-        return self._clock() - self._last_checkpoint >= self._settings.checkpoint_interval_s
-
-    def _begin_transaction_if_needed(self) -> None:
-        if self._settings.exactly_once and not self._in_transaction:
-            self._sink.begin()
-            self._in_transaction = True
-
-    def _checkpoint(self) -> None:
-        """Changed states to the changelog, wait for acks, then commit the input offsets,
-        all before returning (a revocation, the stop, exactly-once)."""
-        if not self._settings.exactly_once:
-            if self._spread is not None:
-                self._finish_spread()
-            self._begin_spread()
-            if self._spread is not None:
-                self._finish_spread()
+    def _final_checkpoint(self) -> None:
+        """The stop's checkpoint, and a log line that says what it made durable."""
+        try:
+            committed = self._committer.checkpoint(self._source.group_metadata)
+        except TransactionAbortedError as error:
+            log.warning(
+                "stopping without the last checkpoint (%s); the next owner of these "
+                "partitions replays from the commit before it",
+                error,
+            )
             return
-        started = self._clock()
-        self._last_checkpoint = started
-        self._events_since_checkpoint = 0
-        if not self._in_transaction:
-            return
-        if self._checkpointer is not None:
-            self._sink.send(self._checkpointer.changes())
-        self._sink.commit_transaction(self._pending_offsets, self._source.group_metadata())
-        self._in_transaction = False
-        self._metrics.observe_end_to_end(self._uncommitted_event_times, self._clock())
-        self._uncommitted_event_times = []
-        self._pending_offsets = {}
-        self._metrics.checkpoint_seconds.observe(self._clock() - started)
+        if committed.offsets:
+            log.info(
+                "stopped: outputs acknowledged; %d changelog records and the offsets %s committed",
+                committed.snapshots,
+                ", ".join(f"{t}[{p}]@{o}" for (t, p), o in sorted(committed.offsets.items())),
+            )
+        else:
+            log.info("stopped: nothing was left to commit")
 
-    def _begin_spread(self) -> None:
-        """At-least-once: copy the changes and take the offsets they cover; send the first
-        share. A checkpoint that fits in one share finishes here, like a plain one."""
-        started = self._clock()
-        self._last_checkpoint = started
-        self._events_since_checkpoint = 0
-        records = self._checkpointer.changes() if self._checkpointer is not None else []
-        self._spread = _Spread(records, self._pending_offsets, started)
-        self._pending_offsets = {}
-        self._send_checkpoint_share()
-        if self._spread.all_sent:
-            if records:
-                self._flush()
-            self._commit_if_checkpoint_sent()
+    def _throw_away(self, reason: str) -> None:
+        """Uncommitted work was thrown away: the streams in memory are ahead of the last
+        commit, so none of them may reach a checkpoint. Drop them all now; right after the
+        next poll (or this one, from a callback) `_rewind` takes the partitions back to it."""
+        log.warning("throwing away everything uncommitted: %s", reason)
+        try:
+            self._committer.reset()  # abort an open transaction before anything else
+        except KafkaUnavailableError as error:
+            log.warning("the abort waits for the broker (%s); the rewind tries again", error)
+        store = self._processor.store
+        for partition in self._assigned:
+            store.drop_partition(partition)
+        self._to_rewind |= self._assigned
+        self._rewind_due = True
 
-    def _send_checkpoint_share(self) -> None:
-        spread = self._spread
-        if spread is None or spread.all_sent:
-            return
-        share = self._settings.checkpoint_share_records
-        deadline = time.perf_counter() + self._settings.checkpoint_share_s
-        while True:
-            self._sink.send(spread.records[spread.sent : spread.sent + share])
-            spread.sent = min(spread.sent + share, len(spread.records))
-            if spread.all_sent or time.perf_counter() >= deadline:
-                return
+    def _rewind(self) -> None:
+        """Back to the last commit, right after a poll: every partition held goes back to its
+        committed offset (what that poll returned is read again), and the streams that were
+        thrown away are restored from the changelog (those of partitions assigned since were
+        restored on assignment)."""
+        partitions = sorted(self._assigned)
+        behind = sorted(self._to_rewind & self._assigned)
+        self._to_rewind.clear()
+        self._rewind_due = False
+        log.warning("rewinding partitions %s to their last commit", behind)
+        self._metrics.rewinds.inc()
+        # The broker may be away (that may be why the work was thrown away): try again
+        # until it answers, beating liveness meanwhile, for a bounded time.
+        for attempt in Retrying(
+            retry=retry_if_exception_type(KafkaUnavailableError),
+            stop=stop_after_delay(self._settings.outage_patience_s),
+            wait=wait_exponential(multiplier=0.5, max=5.0),
+            before_sleep=self._waiting_for_the_broker,
+            reraise=True,
+        ):
+            with attempt:
+                self._committer.reset()
+                committed = self._source.seek_to_committed(partitions)
+                if behind:
+                    self._restore(behind)
+        log.info("partitions %s back at their committed offsets %s", partitions, committed)
 
-    def _finish_spread(self) -> None:
-        spread = self._spread
-        if spread is None:
-            return
-        self._sink.send(spread.records[spread.sent :])
-        spread.sent = len(spread.records)
-        self._flush()
-        self._commit_if_checkpoint_sent()
+    def _waiting_for_the_broker(self, state: RetryCallState) -> None:
+        self._health.beat()
+        log.warning(
+            "rewind not done yet (attempt %d, %.0f s so far): %s",
+            state.attempt_number,
+            state.seconds_since_start,
+            state.outcome.exception() if state.outcome is not None else "",
+        )
 
-    def _commit_if_checkpoint_sent(self) -> None:
-        """After a flush: commit the spread checkpoint's offsets once all of it is sent
-        (and so acknowledged). A deferred commit leaves them pending for the next one."""
-        spread = self._spread
-        if spread is None or not spread.all_sent:
+    def _restore(self, partitions: list[int]) -> None:
+        if self._checkpointer is None:
             return
-        self._spread = None
-        if not self._source.commit(spread.offsets):
-            self._metrics.count_commit_failure()
-            # Rebalancing: retry with the next checkpoint. Offsets taken since are newer.
-            self._pending_offsets = {**spread.offsets, **self._pending_offsets}
-            return
-        self._metrics.checkpoint_seconds.observe(self._clock() - spread.started)
+        self._health.set_restoring(True)
+        try:
+            self._checkpointer.restore(partitions, self._health.beat)
+        finally:
+            self._health.set_restoring(False)
 
     def _on_assigned(self, partitions: list[int]) -> None:
         log.info("assigned input partitions %s", partitions)
         self._metrics.count_rebalance("assigned")
-        if self._checkpointer is not None:
-            self._health.set_restoring(True)
-            try:
-                self._checkpointer.restore(partitions)
-            finally:
-                self._health.set_restoring(False)
+        self._restore(partitions)
         self._assigned |= set(partitions)
+        self._to_rewind -= set(partitions)  # restored just now, read from the commit
         self._publish_assignment()
 
     def _on_revoked(self, partitions: list[int]) -> None:
         log.info("giving up input partitions %s", partitions)
         self._metrics.count_rebalance("revoked")
         try:
-            self._checkpoint()
-        except Exception:
-            if self._settings.exactly_once:
-                raise  # the transaction's fate is unknown: restart from the last commit
-            # At-least-once: the next owner replays from the last commit; nothing is lost.
-            log.exception("checkpoint before giving up partitions %s failed", partitions)
-        dropped = sum(self._processor.store.drop_partition(p) for p in partitions)
-        log.info("dropped %d streams of partitions %s", dropped, partitions)
-        for partition in partitions:
-            self._metrics.forget_partition(partition)
-        self._assigned -= set(partitions)
-        self._publish_assignment()
+            self._committer.checkpoint(self._source.group_metadata)
+        except TransactionAbortedError as error:
+            # Nothing of it is visible: the next owner replays these partitions from
+            # their last commit, and this member rewinds the ones it keeps.
+            self._metrics.count_commit_failure()
+            self._throw_away(f"the checkpoint before giving up {partitions} failed: {error}")
+        self._drop(partitions)
 
     def _on_lost(self, partitions: list[int]) -> None:
         """Partitions taken away without a revocation (this member was evicted from the
@@ -325,22 +293,22 @@ class ServeLoop:
         them. Their streams are dropped; the owner replays from the last commit."""
         log.warning("lost input partitions %s: dropping their streams unwritten", partitions)
         self._metrics.count_rebalance("lost")
+        try:
+            aborted = self._committer.lose(partitions)
+        except KafkaUnavailableError as error:
+            aborted = True  # the abort did not finish; the rewind tries again
+            log.warning("aborting the open transaction waits for the broker: %s", error)
+        if aborted:
+            self._throw_away(f"the open transaction held work of the lost partitions {partitions}")
+        self._drop(partitions)
+
+    def _drop(self, partitions: list[int]) -> None:
         dropped = sum(self._processor.store.drop_partition(p) for p in partitions)
-        self._pending_offsets = {
-            tp: offset for tp, offset in self._pending_offsets.items() if tp[1] not in partitions
-        }
-        spread = self._spread
-        if spread is not None:  # its snapshots of those partitions not sent yet never will be
-            spread.records[spread.sent :] = [
-                r for r in spread.records[spread.sent :] if r.partition not in partitions
-            ]
-            spread.offsets = {
-                tp: offset for tp, offset in spread.offsets.items() if tp[1] not in partitions
-            }
-        log.info("dropped %d streams of lost partitions %s", dropped, partitions)
+        log.info("dropped %d streams of partitions %s", dropped, partitions)
         for partition in partitions:
             self._metrics.forget_partition(partition)
         self._assigned -= set(partitions)
+        self._to_rewind -= set(partitions)
         self._publish_assignment()
 
     def _publish_assignment(self) -> None:
@@ -349,8 +317,8 @@ class ServeLoop:
 
     def _close(self) -> None:
         # The source first: closing it revokes the partitions, and the revocation
-        # checkpoints through the sink.
+        # checkpoints through the committer's producers.
         try:
             self._source.close()
         finally:
-            self._sink.close()
+            self._committer.close()

@@ -202,14 +202,22 @@ class Metrics:
         )
         self.commit_failures = Counter(
             p + "commit_failures",
-            "Offset commits the group did not accept (rebalancing, coordinator away); "
-            "the offsets go with the next checkpoint.",
+            "Checkpoints not committed: the broker refused the transaction (this member was "
+            "evicted) or did not finish it in time; the work since the last commit is thrown "
+            "away and the partitions rewound (hiddenstate_rewinds_total).",
             registry=registry,
         )
         self.delivery_errors = Counter(
             p + "delivery_errors",
             "Flushes that found an output record Kafka refused for good (after the "
             "producer's delivery timeout); the server then stops uncommitted.",
+            registry=registry,
+        )
+        self.rewinds = Counter(
+            p + "rewinds",
+            "Times uncommitted work was thrown away (a refused or aborted checkpoint, a lost "
+            "partition, a stand-still past the session timeout) and the partitions held went "
+            "back to their last commit.",
             registry=registry,
         )
         # -- histograms
@@ -321,7 +329,7 @@ class Metrics:
         self.rebalances.labels(kind).inc()
 
     def count_commit_failure(self) -> None:
-        """Count an offset commit the group refused for now (the loop retries it later)."""
+        """Count a checkpoint that was not committed (refused, or not finished in time)."""
         self.commit_failures.inc()
 
     def count_delivery_error(self) -> None:

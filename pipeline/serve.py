@@ -14,20 +14,38 @@ import gc
 import logging
 import os
 import signal
+import socket
+import time
 from types import FrameType
 
 from prometheus_client import CollectorRegistry
 
 from pipeline import changelog, logs
 from pipeline.config import ServeConfig, load_config
+from pipeline.delivery import Changes, CheckpointSchedule, Committer
+from pipeline.delivery.at_least_once import AtLeastOnce
+from pipeline.delivery.exactly_once import ExactlyOnce
 from pipeline.formats import open_formats
 from pipeline.health import HealthServer, LoopState
 from pipeline.loop import LoopSettings, ServeLoop
 from pipeline.metrics import Metrics
+from pipeline.pause import PauseWatch
 from pipeline.processor import make_processor
 from pipeline.runtime import OrtStepModel
-from pipeline.transport import RebalanceCallback, Source, choose_transport, open_transport
+from pipeline.transport import (
+    RebalanceCallback,
+    Source,
+    Transport,
+    choose_transport,
+    open_transport,
+)
+from pipeline.transport.base import (
+    DELIVERY_TIMEOUT_S,
+    RESTORE_STALL_TIMEOUT_S,
+    TRANSACTION_CALL_TIMEOUT_S,
+)
 from pipeline.transport.topics import Topics
+from pipeline.watchdog import Watchdog
 
 log = logging.getLogger(__name__)
 
@@ -37,10 +55,56 @@ def loop_settings(config: ServeConfig) -> LoopSettings:
     return LoopSettings(
         poll_timeout_s=config.kafka.poll_timeout_ms / 1000,
         max_poll_records=config.kafka.max_poll_records,
-        checkpoint_interval_s=config.delivery.checkpoint_interval_seconds,
-        checkpoint_interval_events=config.delivery.checkpoint_interval_events,
-        exactly_once=config.delivery.guarantee == "exactly-once",
     )
+
+
+def transaction_timeout_s(config: ServeConfig) -> float:
+    """How long a transaction may stay open before the broker aborts it: what bounds the
+    wait of every reader after a member crashed with one open (exactly-once predictions,
+    restores of the changelog). An exactly-once transaction lasts a checkpoint interval,
+    so twice that and some; never less than the 10 s Kafka Streams uses."""
+    return max(10.0, 2 * config.delivery.checkpoint_interval_seconds + 5.0)
+
+
+def member_identity(config: ServeConfig, metrics_port: int) -> str:
+    """Who this member is across restarts, for its transactional ids: `--instance-id`
+    when given; else the host name and the metrics port, which no two servers on one
+    host share (the port is bound) and a restarted server keeps (under Kubernetes the
+    host name is the pod's, stable in a StatefulSet). A stable id is what lets a
+    restart fence its killed predecessor's open transaction at once."""
+    if config.kafka.instance_id:
+        return config.kafka.instance_id
+    if config.observability.metrics_port == 0:
+        log.warning(
+            "--metrics-port 0 and no --instance-id: this member's transactional id changes "
+            "at every restart, so a crashed predecessor's open transaction holds readers "
+            "back until it times out (%.0f s); give --instance-id",
+            transaction_timeout_s(config),
+        )
+    return f"{socket.gethostname()}-{metrics_port}"
+
+
+def make_committer(
+    config: ServeConfig,
+    transport: Transport,
+    identity: str,
+    changes: Changes,
+    metrics: Metrics,
+    health: LoopState,
+) -> Committer:
+    """The committer of the configured guarantee, with its producers."""
+    timeout_s = transaction_timeout_s(config)
+    group = config.kafka.group_id
+    delivery = config.delivery
+    schedule = CheckpointSchedule(
+        delivery.checkpoint_interval_seconds, delivery.checkpoint_interval_events, time.time
+    )
+    if delivery.guarantee == "exactly-once":
+        sink = transport.transactional_sink(f"{group}-{identity}", timeout_s)
+        return ExactlyOnce(sink, changes, schedule, metrics)
+    outputs = transport.sink()
+    states = transport.transactional_sink(f"{group}-{identity}-states", timeout_s)
+    return AtLeastOnce(outputs, states, changes, schedule, metrics, health.beat)
 
 
 def check_topics(config: ServeConfig, changelog_topic: str) -> int:
@@ -91,11 +155,11 @@ def run(config: ServeConfig) -> None:
     )
     health = LoopState(config.observability.liveness_timeout_seconds)
     processor = make_processor(model, config, metrics, decoder=decoder, encoder=encoder)
-    states = changelog.Changelog(
-        changelog_topic, model.spec, processor.store, metrics, transport.changelog_reader()
+    reader = transport.changelog_reader(
+        max(RESTORE_STALL_TIMEOUT_S, 2 * transaction_timeout_s(config))
     )
+    states = changelog.Changelog(changelog_topic, model.spec, processor.store, metrics, reader)
     exactly_once = config.delivery.guarantee == "exactly-once"
-    sink = transport.sink(_transactional_id(config) if exactly_once else None)
 
     def make_source(
         on_assigned: RebalanceCallback, on_revoked: RebalanceCallback, on_lost: RebalanceCallback
@@ -115,14 +179,34 @@ def run(config: ServeConfig) -> None:
         config.observability.metrics_port,
     ).start()
     log.info("metrics and health on http://%s:%d", config.observability.metrics_host, server.port)
+    pause = PauseWatch(config.kafka.session_timeout_ms / 1000 / 2).start()
     try:
+        identity = member_identity(config, server.port)
+        committer = make_committer(config, transport, identity, states.changes, metrics, health)
+        log.info(
+            "delivery %s; transactions of member %s time out after %.0f s",
+            config.delivery.guarantee,
+            identity,
+            transaction_timeout_s(config),
+        )
         loop = ServeLoop(
-            loop_settings(config), processor, sink, make_source, metrics, health, states
+            loop_settings(config), processor, committer, make_source, metrics, health, states, pause
+        )
+
+        watchdog = Watchdog(
+            health,
+            timeout_s=config.observability.liveness_timeout_seconds + TRANSACTION_CALL_TIMEOUT_S,
+            stop_timeout_s=DELIVERY_TIMEOUT_S + TRANSACTION_CALL_TIMEOUT_S,
         )
 
         def request_stop(signum: int, frame: FrameType | None) -> None:
-            log.info("%s: finishing the batch in hand, then stopping", signal.Signals(signum).name)
+            name = signal.Signals(signum).name
+            if loop.stopping:
+                log.warning("%s again: exiting at once, uncommitted", name)
+                os._exit(128 + signum)
+            log.info("%s: finishing the batch in hand, then stopping", name)
             loop.stop()
+            watchdog.stopping()
 
         signal.signal(signal.SIGTERM, request_stop)
         signal.signal(signal.SIGINT, request_stop)
@@ -131,16 +215,14 @@ def run(config: ServeConfig) -> None:
         # collection walks all of it, a 25-35 ms stop of the loop on the benchmark
         # (docs/benchmarks.md); frozen, a full collection takes well under a millisecond.
         gc.freeze()
-        loop.run()
+        watchdog.start()
+        try:
+            loop.run()
+        finally:
+            watchdog.close()
     finally:
+        pause.stop()
         server.stop()
-
-
-def _transactional_id(config: ServeConfig) -> str:
-    # Stable per instance so that a restarted pod fences its own zombie; with
-    # no instance id, the host name (the pod name on Kubernetes) stands in.
-    instance = config.kafka.instance_id or os.environ.get("HOSTNAME", "") or str(os.getpid())
-    return f"{config.kafka.group_id}-{instance}"
 
 
 def main(argv: list[str]) -> int:

@@ -258,8 +258,8 @@ def _format_storage(kafka: LocalKafka, java: str) -> None:
             "kafka.tools.StorageTool",
             "format",
             "--standalone",
-            "-t",
-            cluster_id,
+            # One argument: an id can begin with "-", which would read as an option.
+            f"--cluster-id={cluster_id}",
             "-c",
             str(kafka.properties),
         ],

@@ -38,6 +38,7 @@ from typing import Any, cast
 
 from confluent_kafka import (
     OFFSET_BEGINNING,
+    OFFSET_END,
     Consumer,
     KafkaError,
     KafkaException,
@@ -47,39 +48,32 @@ from confluent_kafka import (
 )
 
 from pipeline.config import KafkaConfig
-from pipeline.errors import DeliveryError, FlushTimeoutError, UndecodableBatchError
+from pipeline.errors import (
+    DeliveryError,
+    FencedError,
+    FlushTimeoutError,
+    KafkaSetupError,
+    KafkaUnavailableError,
+    RestoreStalledError,
+    TransactionAbortedError,
+    TransactionTimeoutError,
+    UndecodableBatchError,
+)
 from pipeline.records import InputRecord, OutputRecord
 from pipeline.transport.base import (
     DELIVERY_TIMEOUT_S,
+    TRANSACTION_CALL_TIMEOUT_S,
+    FenceCount,
     Latest,
     Offsets,
     RebalanceCallback,
+    StallWatch,
+    fenced,
+    unauthorized,
 )
 
 log = logging.getLogger(__name__)
 
-# Commit errors after which the offsets simply wait for the next checkpoint
-# (a rebalance between generations, the coordinator away or moving, a
-# timeout); the next owner replaying from the last commit loses nothing either.
-_DEFERRABLE_COMMIT_ERRORS = frozenset(
-    {
-        KafkaError.REBALANCE_IN_PROGRESS,
-        KafkaError.ILLEGAL_GENERATION,
-        KafkaError.UNKNOWN_MEMBER_ID,
-        KafkaError.FENCED_INSTANCE_ID,
-        KafkaError.COORDINATOR_NOT_AVAILABLE,
-        KafkaError.NOT_COORDINATOR,
-        KafkaError.COORDINATOR_LOAD_IN_PROGRESS,
-        KafkaError.REQUEST_TIMED_OUT,
-        KafkaError._TIMED_OUT,
-        KafkaError._TRANSPORT,
-        KafkaError._WAIT_COORD,
-        KafkaError._ALL_BROKERS_DOWN,
-        KafkaError._NO_OFFSET,
-        KafkaError._STATE,
-        KafkaError._ASSIGNMENT_LOST,
-    }
-)
 _ERROR_LOG_INTERVAL_S = 10.0
 
 # A fetched batch librdkafka could not decode: it reports the error at the batch's
@@ -126,13 +120,18 @@ class ConfluentTransport:
         config["isolation.level"] = "read_committed" if read_committed else "read_uncommitted"
         return ConfluentSource(config, topic, on_assigned, on_revoked, on_lost)
 
-    def sink(self, transactional_id: str | None) -> ConfluentSink:
-        return ConfluentSink(
-            self._kafka.librdkafka_producer_config(), transactional_id=transactional_id
+    def sink(self) -> ConfluentSink:
+        return ConfluentSink(self._kafka.librdkafka_producer_config())
+
+    def transactional_sink(
+        self, transactional_id: str, transaction_timeout_s: float
+    ) -> ConfluentTransactionalSink:
+        return ConfluentTransactionalSink(
+            self._kafka.librdkafka_producer_config(), transactional_id, transaction_timeout_s
         )
 
-    def changelog_reader(self) -> ConfluentChangelogReader:
-        return ConfluentChangelogReader(self._kafka.librdkafka_config())
+    def changelog_reader(self, stall_timeout_s: float) -> ConfluentChangelogReader:
+        return ConfluentChangelogReader(self._kafka.librdkafka_config(), stall_timeout_s)
 
 
 class _ErrorLog:
@@ -192,6 +191,9 @@ class ConfluentSource:
         )
         self._callbacks = {"assigned": on_assigned, "revoked": on_revoked, "lost": on_lost}
         self._topic = topic
+        self._reset_to = (
+            OFFSET_BEGINNING if config.get("auto.offset.reset") == "earliest" else OFFSET_END
+        )
         self._consumer.subscribe(
             [topic],
             on_assign=self._rebalance("assigned"),
@@ -241,25 +243,27 @@ class ConfluentSource:
             raise undecodable_batch(message.topic(), message.partition(), message.offset(), error)
         self._errors(error)
 
-    def commit(self, offsets: Offsets) -> bool:
-        if not offsets:
-            return True
+    def seek_to_committed(self, partitions: Sequence[int]) -> dict[int, int | None]:
+        consumer = self._consumer
+        held = {tp.partition for tp in consumer.assignment()}
+        wanted = [TopicPartition(self._topic, p) for p in partitions if p in held]
+        if not wanted:
+            return {}
         try:
-            committed = self._consumer.commit(
-                offsets=[TopicPartition(t, p, o) for (t, p), o in offsets.items()],
-                asynchronous=False,
-            )
+            committed = consumer.committed(wanted, timeout=TRANSACTION_CALL_TIMEOUT_S)
         except KafkaException as exc:
-            error = exc.args[0]
-            if error.code() in _DEFERRABLE_COMMIT_ERRORS:
-                log.info("commit deferred: %s", error.str())
-                return False
-            raise
-        failed = [tp for tp in committed or () if tp.error is not None]
-        if failed:
-            log.warning("commit deferred: %s", ", ".join(f"{tp}: {tp.error}" for tp in failed))
-            return False
-        return True
+            raise KafkaUnavailableError(
+                f"the committed offsets of {self._topic} {sorted(held)} were not fetched: "
+                f"{exc.args[0].str()}"
+            ) from exc
+        offsets: dict[int, int | None] = {}
+        for tp in committed:
+            known = tp.offset >= 0
+            offsets[tp.partition] = tp.offset if known else None
+            consumer.seek(
+                TopicPartition(self._topic, tp.partition, tp.offset if known else self._reset_to)
+            )
+        return offsets
 
     def lag(self) -> dict[int, int]:
         consumer = self._consumer
@@ -281,41 +285,43 @@ class ConfluentSource:
 
 
 class ConfluentSink:
-    """`Sink` over one idempotent confluent-kafka producer (transactional when configured)."""
+    """`Sink` over one idempotent confluent-kafka producer."""
 
     def __init__(
         self,
         config: dict[str, Any],
-        transactional_id: str | None = None,
         linger_ms: int = 5,
+        delivery_timeout_s: float = DELIVERY_TIMEOUT_S,
     ) -> None:
         """`config`: librdkafka properties (`KafkaConfig.librdkafka_config()`)."""
-        settings = {
+        self._settings = {
             **config,
             "acks": "all",
             "enable.idempotence": True,
             "linger.ms": linger_ms,
-            "message.timeout.ms": int(DELIVERY_TIMEOUT_S * 1000),
+            "message.timeout.ms": int(delivery_timeout_s * 1000),
             "partitioner": "murmur2_random",
             "delivery.report.only.error": True,
-            "on_delivery": self._delivered,
             "error_cb": _ErrorLog("Kafka producer"),
             # The whole output of a large poll (and a checkpoint's snapshots) must fit
             # in the local queue; librdkafka's default of 100,000 records may not.
             "queue.buffering.max.messages": 1_000_000,
         }
-        if transactional_id is not None:
-            settings["transactional.id"] = transactional_id
-        self._producer = Producer(settings)
-        self._failures: list[str] = []
-        if transactional_id is not None:
-            self._producer.init_transactions(DELIVERY_TIMEOUT_S)
+        self._producer, self._failures = self._new_producer()
 
-    def _delivered(self, error: KafkaError | None, message: Message) -> None:
-        if error is not None:
-            # librdkafka retried for DELIVERY_TIMEOUT_S: this one is lost unless its
-            # input is replayed, so its offset must never be committed.
-            self._failures.append(f"{message.topic()}[{message.partition()}]: {error.str()}")
+    def _new_producer(self) -> tuple[Producer, list[str]]:
+        """A producer and the list its delivery failures go to. One list per producer: a
+        replaced producer's late reports (of records of an aborted transaction) must not
+        count against the records of the next."""
+        failures: list[str] = []
+
+        def delivered(error: KafkaError | None, message: Message) -> None:
+            if error is not None:
+                # librdkafka retried for the delivery timeout: this one is lost unless
+                # its input is replayed, so its offset must never be committed.
+                failures.append(f"{message.topic()}[{message.partition()}]: {error.str()}")
+
+        return Producer({**self._settings, "on_delivery": delivered}), failures
 
     def send(self, records: Sequence[OutputRecord]) -> None:
         produce = self._producer.produce
@@ -355,47 +361,136 @@ class ConfluentSink:
         queued = self._producer.flush(timeout_s)
         if queued:
             raise FlushTimeoutError(f"{queued} output records not acknowledged yet")
+        self._raise_failures()
+
+    def _raise_failures(self) -> None:
         if self._failures:
-            failures, self._failures = self._failures, []
+            failures = list(self._failures)
+            self._failures.clear()  # in place: the producer's callback holds this list
             raise DeliveryError(
                 f"Kafka refused {len(failures)} output records, the first: {failures[0]}"
             )
 
-    def begin(self) -> None:
-        """Open a transaction (exactly-once mode)."""
-        self._producer.begin_transaction()
-
-    def commit_transaction(self, offsets: Offsets, group_metadata: Any) -> None:
-        """Add the input offsets to the open transaction and commit it atomically."""
-        self._producer.send_offsets_to_transaction(
-            [TopicPartition(t, p, o) for (t, p), o in offsets.items()],
-            group_metadata,
-            DELIVERY_TIMEOUT_S,
-        )
-        self._producer.commit_transaction(DELIVERY_TIMEOUT_S)
-        if self._failures:
-            failures, self._failures = self._failures, []
-            raise DeliveryError(f"a committed transaction reported failures: {failures[0]}")
-
     def close(self) -> None:
-        self._producer.flush(30)
+        self._producer.flush(TRANSACTION_CALL_TIMEOUT_S)
 
 
-def _records_in(consumer: Consumer, partition: TopicPartition, patience_s: float = 10.0) -> int:
-    """Records in a partition (high - low watermark), for the restore's progress gauge.
+class ConfluentTransactionalSink(ConfluentSink):
+    """`TransactionalSink` over a transactional confluent-kafka producer."""
 
-    A changelog created moments ago may have no leader yet (NOT_LEADER_FOR_PARTITION):
-    ask again for a while. The read itself does not depend on this (it stops at the
-    end-of-partition events), so when the broker does not say, the gauge shows 0."""
+    def __init__(
+        self,
+        config: dict[str, Any],
+        transactional_id: str,
+        transaction_timeout_s: float,
+        linger_ms: int = 5,
+    ) -> None:
+        self._id = transactional_id
+        self._fences = FenceCount(transactional_id)
+        super().__init__(
+            {
+                **config,
+                "transactional.id": transactional_id,
+                "transaction.timeout.ms": int(transaction_timeout_s * 1000),
+            },
+            linger_ms=linger_ms,
+            # librdkafka refuses a record timeout longer than the transaction's.
+            delivery_timeout_s=min(DELIVERY_TIMEOUT_S, transaction_timeout_s),
+        )
+        self._open = False
+        self._ready = False
+        self._init()
+
+    def _init(self) -> None:
+        """Initialise the producer: the broker completes or aborts whatever a previous
+        producer with this transactional id left open, and fences it."""
+        try:
+            self._producer.init_transactions(TRANSACTION_CALL_TIMEOUT_S)
+        except KafkaException as exc:
+            error = exc.args[0]
+            if error.code() == KafkaError.TRANSACTIONAL_ID_AUTHORIZATION_FAILED:
+                raise KafkaSetupError(unauthorized(self._id)) from exc
+            if error.fatal():  # the instance is unusable: the next try needs a new one
+                self._producer, self._failures = self._new_producer()
+            raise TransactionTimeoutError(
+                f"transactional id {self._id!r} was not initialised: {error.str()}"
+            ) from exc
+        self._ready = True
+
+    def begin(self) -> None:
+        if not self._ready:
+            self._init()
+        self._producer.begin_transaction()
+        self._open = True
+
+    def commit(self, offsets: Offsets, group_metadata: Any) -> None:
+        try:
+            if offsets:
+                self._producer.send_offsets_to_transaction(
+                    [TopicPartition(t, p, o) for (t, p), o in offsets.items()],
+                    group_metadata,
+                    TRANSACTION_CALL_TIMEOUT_S,
+                )
+            self._producer.commit_transaction(TRANSACTION_CALL_TIMEOUT_S)
+        except KafkaException as exc:
+            error = exc.args[0]
+            if error.code() in _FENCED:
+                self._fences.count()
+                raise FencedError(fenced(self._id)) from exc
+            if error.txn_requires_abort():
+                raise TransactionAbortedError(
+                    f"the broker refused the commit: {error.str()}"
+                ) from exc
+            raise TransactionTimeoutError(
+                f"committing transaction {self._id!r} did not finish: {error.str()}"
+            ) from exc
+        self._open = False
+        self._raise_failures()
+
+    def abort(self) -> None:
+        if not self._open and self._ready:
+            return
+        self._open = False
+        if self._ready:
+            try:
+                self._producer.abort_transaction(TRANSACTION_CALL_TIMEOUT_S)
+            except KafkaException as exc:
+                log.warning("transaction of %s not aborted: %s", self._id, exc.args[0].str())
+            self._ready = False
+        # A new producer with the same id in any case: its start resolves the old
+        # transaction if the abort did not (commits one that was being committed, aborts
+        # the rest), and a fresh epoch leaves no sequence numbers of before an outage
+        # behind (librdkafka#3575: reusing one after OUT_OF_ORDER_SEQUENCE lost records,
+        # and here the next send_offsets_to_transaction then outlived its timeout).
+        self._fences.check()
+        self._producer.purge()
+        self._producer, self._failures = self._new_producer()
+        self._init()
+
+
+# The producer was fenced: another one with its transactional id took over, or the
+# broker aborted a transaction that outlived its timeout and bumped the epoch.
+_FENCED = frozenset(
+    {KafkaError._FENCED, KafkaError.PRODUCER_FENCED, KafkaError.INVALID_PRODUCER_EPOCH}
+)
+
+
+def _watermarks(
+    consumer: Consumer, partition: TopicPartition, patience_s: float = 10.0
+) -> tuple[int, int]:
+    """The low and high watermark of a partition. A changelog created moments ago may
+    have no leader yet (NOT_LEADER_FOR_PARTITION): ask again for a while."""
     deadline = time.monotonic() + patience_s
     while True:
         try:
             low, high = consumer.get_watermark_offsets(partition, timeout=patience_s)
-            return max(0, high - low)
+            return max(0, low), max(0, high)
         except KafkaException as exc:
             if time.monotonic() > deadline:
-                log.warning("size of %s unknown: %s", partition, exc.args[0].str())
-                return 0
+                raise RestoreStalledError(
+                    f"the size of {partition.topic}[{partition.partition}] is unknown: "
+                    f"{exc.args[0].str()}"
+                ) from exc
             time.sleep(0.2)
 
 
@@ -407,18 +502,23 @@ def _by_key(partition: int | None) -> int:
 class ConfluentChangelogReader:
     """`ChangelogReader` over a confluent-kafka consumer that joins no group."""
 
-    def __init__(self, config: dict[str, Any]) -> None:
+    def __init__(self, config: dict[str, Any], stall_timeout_s: float) -> None:
         self._config = config
+        self._stall_timeout_s = stall_timeout_s
 
     def read_latest(
         self, topic: str, partitions: list[int], remaining: Callable[[int], None]
     ) -> tuple[Latest, int]:
+        bounds = self._watermarks(topic, partitions)
+        ends = {p: high for p, (low, high) in bounds.items()}
+        total = sum(high - low for low, high in bounds.values())
+        remaining(total)
         consumer = Consumer(
             {
                 **self._config,
                 "group.id": "hiddenstate-restore",  # required by the client; never joined
                 "enable.auto.commit": False,
-                # Snapshots of an aborted exactly-once transaction never happened.
+                # Snapshots of an aborted transaction never happened.
                 "isolation.level": "read_committed",
                 # Reaching the end of each partition is reported: that is where to stop.
                 "enable.partition.eof": True,
@@ -431,12 +531,15 @@ class ConfluentChangelogReader:
             }
         )
         try:
-            total = sum(_records_in(consumer, TopicPartition(topic, p)) for p in partitions)
-            remaining(total)
             consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in partitions])
-            left = set(partitions)
+            # How far each partition was read: done at its end as it was at the start. A
+            # read_committed consumer reports its end at the last stable offset, which an
+            # open transaction holds back: then it waits for that to finish.
+            reached = {p: 0 for p in partitions}
+            left = {p for p in partitions if ends[p] > 0}
             latest: Latest = {}
             read = 0
+            stall = StallWatch(topic, self._stall_timeout_s)
             while left:
                 messages = _take(consumer, 10_000, 0.5)
                 errors = list(map(Message.error, messages))
@@ -445,7 +548,10 @@ class ConfluentChangelogReader:
                         if error is None:
                             continue
                         if error.code() == KafkaError._PARTITION_EOF:
-                            left.discard(cast(int, message.partition()))
+                            partition = cast(int, message.partition())
+                            reached[partition] = max(
+                                reached[partition], cast(int, message.offset())
+                            )
                         elif error.fatal():
                             raise KafkaException(error)
                         else:
@@ -458,8 +564,29 @@ class ConfluentChangelogReader:
                 )
                 pairs: Any = zip(map(Message.key, batch), partitions_values, strict=True)
                 latest.update(pairs)
+                for message in batch:
+                    partition = message.partition()
+                    reached[partition] = max(reached[partition], message.offset() + 1)
                 read += len(messages)
+                left = {p for p in left if reached[p] < ends[p]}
                 remaining(max(0, total - read) if left else 0)
+                stall.check({p: reached[p] for p in left}, ends)
             return latest, read
+        finally:
+            consumer.close()
+
+    def _watermarks(self, topic: str, partitions: list[int]) -> dict[int, tuple[int, int]]:
+        """(low, high) watermark of each partition, asked by a read_uncommitted consumer:
+        the high one then includes records of transactions still open."""
+        consumer = Consumer(
+            {
+                **self._config,
+                "group.id": "hiddenstate-restore",
+                "isolation.level": "read_uncommitted",
+                "error_cb": _ErrorLog(f"restoring from {topic}"),
+            }
+        )
+        try:
+            return {p: _watermarks(consumer, TopicPartition(topic, p)) for p in partitions}
         finally:
             consumer.close()

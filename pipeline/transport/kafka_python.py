@@ -20,19 +20,35 @@ from kafka.errors import (
     CorruptRecordError,
     KafkaError,
     KafkaTimeoutError,
-    RebalanceInProgressError,
+    ProducerFencedError,
+    TransactionalIdAuthorizationFailedError,
     UnsupportedCodecError,
 )
 from kafka.structs import OffsetAndMetadata
 
 from pipeline.config import KafkaConfig
-from pipeline.errors import DeliveryError, FlushTimeoutError, UndecodableBatchError
+from pipeline.errors import (
+    DeliveryError,
+    FencedError,
+    FlushTimeoutError,
+    KafkaSetupError,
+    KafkaUnavailableError,
+    RestoreStalledError,
+    TransactionAbortedError,
+    TransactionTimeoutError,
+    UndecodableBatchError,
+)
 from pipeline.records import InputRecord, OutputRecord
 from pipeline.transport.base import (
     DELIVERY_TIMEOUT_S,
+    TRANSACTION_CALL_TIMEOUT_S,
+    FenceCount,
     Latest,
     Offsets,
     RebalanceCallback,
+    StallWatch,
+    fenced,
+    unauthorized,
     unreachable,
 )
 
@@ -61,11 +77,18 @@ class KafkaPythonTransport:
             kwargs["isolation_level"] = "read_committed"
         return KafkaSource(kwargs, topic, on_assigned, on_revoked, on_lost)
 
-    def sink(self, transactional_id: str | None) -> KafkaSink:
-        return KafkaSink(self._kafka.producer_kwargs(), transactional_id=transactional_id)
+    def sink(self) -> KafkaSink:
+        return KafkaSink(self._kafka.producer_kwargs())
 
-    def changelog_reader(self) -> KafkaChangelogReader:
-        return KafkaChangelogReader(self._kafka.client_kwargs())
+    def transactional_sink(
+        self, transactional_id: str, transaction_timeout_s: float
+    ) -> KafkaTransactionalSink:
+        return KafkaTransactionalSink(
+            self._kafka.producer_kwargs(), transactional_id, transaction_timeout_s
+        )
+
+    def changelog_reader(self, stall_timeout_s: float) -> KafkaChangelogReader:
+        return KafkaChangelogReader(self._kafka.client_kwargs(), stall_timeout_s)
 
 
 class _Listener(AsyncConsumerRebalanceListener):  # type: ignore[misc]
@@ -142,6 +165,8 @@ class KafkaSource:
             )
         except KafkaError as exc:
             raise unreachable(consumer_kwargs.get("bootstrap_servers"), exc) from exc
+        self._topic = topic
+        self._reset_to = consumer_kwargs.get("auto_offset_reset", "latest")
         # Learn the topic's partitions before joining the group: a leader whose
         # metadata does not list them yet assigns nothing, and kafka-python may not
         # rejoin until the next metadata refresh (dpkp/kafka-python#2377).
@@ -156,22 +181,29 @@ class KafkaSource:
             raise undecodable_batch(self._consumer, exc) from exc
         return [InputRecord.from_kafka(r) for records in batches.values() for r in records]
 
-    def commit(self, offsets: Offsets) -> bool:
-        if not offsets:
-            return True
-        try:
-            self._consumer.commit(_kafka_offsets(offsets))
-            return True
-        except RebalanceInProgressError:
-            # The group is between generations; the offsets stay pending and go
-            # with the next checkpoint (or the revocation's).
-            log.info("commit deferred: the consumer group is rebalancing")
-            return False
-        except KafkaError as exc:
-            # The coordinator is away or this member was evicted: committing later
-            # (or the next owner replaying from the last commit) loses nothing.
-            log.warning("commit deferred: %s", exc)
-            return False
+    def seek_to_committed(self, partitions: Sequence[int]) -> dict[int, int | None]:
+        consumer = self._consumer
+        held = {tp.partition for tp in consumer.assignment()}
+        committed: dict[int, int | None] = {}
+        for partition in partitions:
+            if partition not in held:
+                continue
+            tp = TopicPartition(self._topic, partition)
+            try:
+                offset = consumer.committed(tp, timeout_ms=int(TRANSACTION_CALL_TIMEOUT_S * 1000))
+            except KafkaTimeoutError as exc:
+                raise KafkaUnavailableError(
+                    f"the committed offset of {self._topic}[{partition}] was not fetched "
+                    f"within {TRANSACTION_CALL_TIMEOUT_S:.0f} s: {exc}"
+                ) from exc
+            committed[partition] = offset
+            if offset is not None:
+                consumer.seek(tp, offset)
+            elif self._reset_to == "earliest":
+                consumer.seek_to_beginning(tp)
+            else:
+                consumer.seek_to_end(tp)
+        return committed
 
     def lag(self) -> dict[int, int]:
         lags = {}
@@ -186,7 +218,7 @@ class KafkaSource:
         return self._consumer.group_metadata()
 
     def close(self) -> None:
-        self._consumer.close(autocommit=False)
+        self._consumer.close(autocommit=False, timeout_ms=int(TRANSACTION_CALL_TIMEOUT_S * 1000))
 
 
 def undecodable_batch(consumer: KafkaConsumer, exc: KafkaError) -> UndecodableBatchError:
@@ -224,30 +256,12 @@ def undecodable_batch(consumer: KafkaConsumer, exc: KafkaError) -> UndecodableBa
 
 
 class KafkaSink:
-    """`Sink` over one idempotent kafka-python producer (transactional when configured)."""
+    """`Sink` over one idempotent kafka-python producer."""
 
-    def __init__(
-        self,
-        client_kwargs: Mapping[str, Any],
-        transactional_id: str | None = None,
-        linger_ms: int = 5,
-    ) -> None:
+    def __init__(self, client_kwargs: Mapping[str, Any], linger_ms: int = 5) -> None:
         """`client_kwargs` are kafka-python's (`KafkaConfig.client_kwargs()`)."""
-        try:
-            self._producer = KafkaProducer(
-                acks="all",
-                enable_idempotence=True,
-                linger_ms=linger_ms,
-                delivery_timeout_ms=int(DELIVERY_TIMEOUT_S * 1000),
-                batch_size=256 * 1024,
-                transactional_id=transactional_id,
-                **client_kwargs,
-            )
-        except KafkaError as exc:
-            raise unreachable(client_kwargs.get("bootstrap_servers"), exc) from exc
+        self._producer = _make_producer(client_kwargs, linger_ms=linger_ms)
         self._pending: list[Any] = []
-        if transactional_id is not None:
-            self._producer.init_transactions()
 
     def send(self, records: Sequence[OutputRecord]) -> None:
         send, pending = self._producer.send, self._pending
@@ -266,37 +280,148 @@ class KafkaSink:
         pending, self._pending = self._pending, []
         for future in pending:
             if future.failed():
-                # The producer retried for DELIVERY_TIMEOUT_S: this one is lost unless
-                # its input is replayed, so its offset must never be committed.
+                # The producer retried for DELIVERY_TIMEOUT_S: this one is lost unless its
+                # input is replayed, so its offset must never be committed.
                 raise DeliveryError(f"Kafka refused an output record: {future.exception}")
 
-    def begin(self) -> None:
-        """Open a transaction (exactly-once mode)."""
-        self._producer.begin_transaction()
+    def close(self) -> None:
+        self._producer.close(timeout=TRANSACTION_CALL_TIMEOUT_S)
 
-    def commit_transaction(self, offsets: Offsets, group_metadata: Any) -> None:
-        """Add the input offsets to the open transaction and commit it atomically."""
-        self._producer.send_offsets_to_transaction(_kafka_offsets(offsets), group_metadata)
-        self._producer.commit_transaction()
+
+class KafkaTransactionalSink(KafkaSink):
+    """`TransactionalSink` over a transactional kafka-python producer.
+
+    kafka-python's own `send_offsets_to_transaction`, `commit_transaction` and
+    `abort_transaction` wait for their result without a bound
+    (`TransactionalRequestResult.wait()`), and after a broker restart one such
+    wait was seen never to return. So the calls go to the producer's transaction
+    manager directly and wait at most `TRANSACTION_CALL_TIMEOUT_S`, as the
+    public methods would without the hang.
+    """
+
+    def __init__(
+        self,
+        client_kwargs: Mapping[str, Any],
+        transactional_id: str,
+        transaction_timeout_s: float,
+        linger_ms: int = 5,
+    ) -> None:
+        self._kwargs = dict(client_kwargs)
+        self._id = transactional_id
+        self._transaction_timeout_ms = int(transaction_timeout_s * 1000)
+        self._linger_ms = linger_ms
+        self._fences = FenceCount(transactional_id)
+        self._pending: list[Any] = []
+        self._open = False
+        self._ready = False
+        self._producer = self._start()
+
+    def _start(self) -> KafkaProducer:
+        """A producer with this transactional id, initialised: the broker completes or
+        aborts whatever a previous producer with the id left open, and fences it."""
+        producer = _make_producer(
+            self._kwargs,
+            linger_ms=self._linger_ms,
+            transactional_id=self._id,
+            transaction_timeout_ms=self._transaction_timeout_ms,
+            max_block_ms=int(TRANSACTION_CALL_TIMEOUT_S * 1000),
+        )
+        try:
+            producer.init_transactions()
+        except KafkaTimeoutError as exc:
+            producer.close(timeout=0)
+            raise TransactionTimeoutError(
+                f"transactional id {self._id!r} was not initialised within "
+                f"{TRANSACTION_CALL_TIMEOUT_S:.0f} s: {exc}"
+            ) from exc
+        except TransactionalIdAuthorizationFailedError as exc:
+            producer.close(timeout=0)
+            raise KafkaSetupError(unauthorized(self._id)) from exc
+        self._ready = True
+        return producer
+
+    def begin(self) -> None:
+        if not self._ready:
+            self._producer = self._start()
+        self._producer.begin_transaction()
+        self._open = True
+
+    def commit(self, offsets: Offsets, group_metadata: Any) -> None:
+        manager = self._producer._transaction_manager
+        try:
+            if offsets:
+                self._wait(
+                    manager.send_offsets_to_transaction(_kafka_offsets(offsets), group_metadata),
+                    "sending the offsets of",
+                )
+            self._wait(manager.begin_commit(), "committing")
+        except ProducerFencedError as exc:
+            self._fences.count()
+            raise FencedError(fenced(self._id)) from exc
+        except KafkaError as exc:
+            raise TransactionAbortedError(f"the broker refused the commit: {exc!r}") from exc
+        self._open = False
         self._pending.clear()
 
-    def close(self) -> None:
-        self._producer.close(timeout=30)
+    def abort(self) -> None:
+        if not self._open and self._ready:
+            return
+        self._open = False
+        self._pending.clear()
+        if self._ready:
+            manager = self._producer._transaction_manager
+            try:
+                if not manager.has_fatal_error() and not manager.is_completing():
+                    self._wait(manager.begin_abort(), "aborting")
+            except (KafkaError, TransactionTimeoutError) as exc:
+                log.warning("transaction of %s not aborted: %s", self._id, exc)
+            self._ready = False
+            self._producer.close(timeout=0)
+        # A new producer with the same id in any case: its start resolves the old
+        # transaction if the abort did not (commits one that was being committed, aborts
+        # the rest), and a fresh epoch leaves no sequence numbers of before an outage.
+        self._fences.check()
+        self._producer = self._start()
+
+    def _wait(self, result: Any, doing: str) -> None:
+        self._producer._sender.wakeup()
+        if not result.wait(timeout_ms=int(TRANSACTION_CALL_TIMEOUT_S * 1000)):
+            raise TransactionTimeoutError(
+                f"{doing} transaction {self._id!r} did not finish within "
+                f"{TRANSACTION_CALL_TIMEOUT_S:.0f} s (is the broker away?)"
+            )
+
+
+def _make_producer(client_kwargs: Mapping[str, Any], **settings: Any) -> KafkaProducer:
+    try:
+        return KafkaProducer(
+            acks="all",
+            enable_idempotence=True,
+            delivery_timeout_ms=int(DELIVERY_TIMEOUT_S * 1000),
+            batch_size=256 * 1024,
+            **settings,
+            **client_kwargs,
+        )
+    except KafkaError as exc:
+        raise unreachable(client_kwargs.get("bootstrap_servers"), exc) from exc
 
 
 class KafkaChangelogReader:
     """`ChangelogReader` over a kafka-python consumer without a group."""
 
-    def __init__(self, client_kwargs: Mapping[str, Any]) -> None:
+    def __init__(self, client_kwargs: Mapping[str, Any], stall_timeout_s: float) -> None:
         self._client_kwargs = dict(client_kwargs)
+        self._stall_timeout_s = stall_timeout_s
 
     def read_latest(
         self, topic: str, partitions: list[int], remaining: Callable[[int], None]
     ) -> tuple[Latest, int]:
+        assigned = [TopicPartition(topic, p) for p in partitions]
+        ends = self._high_watermarks(assigned)
         consumer = KafkaConsumer(
             group_id=None,
             enable_auto_commit=False,
-            # Snapshots of an aborted exactly-once transaction never happened.
+            # Snapshots of an aborted transaction never happened.
             isolation_level="read_committed",
             max_poll_records=10_000,
             fetch_max_bytes=64 * 1024 * 1024,
@@ -304,27 +429,44 @@ class KafkaChangelogReader:
             **self._client_kwargs,
         )
         try:
-            assigned = [TopicPartition(topic, p) for p in partitions]
             consumer.assign(assigned)
             consumer.seek_to_beginning(*assigned)
-            ends = consumer.end_offsets(assigned)
             left = {tp: end for tp, end in ends.items() if end > 0}
             total = sum(left.values())
             remaining(total)
             latest: Latest = {}
             read = 0
+            stall = StallWatch(topic, self._stall_timeout_s)
             while left:
                 for tp, records in consumer.poll(timeout_ms=500).items():
                     for record in records:
                         latest[record.key] = (tp.partition, record.value)
                     read += len(records)
-                for tp in list(left):
-                    # The position passes the end even when the last records are
-                    # transaction markers, which are never returned.
-                    if consumer.position(tp) >= left[tp]:
-                        del left[tp]
+                positions = {tp: consumer.position(tp) for tp in left}
+                # The position passes the end even when the last records are
+                # transaction markers, which are never returned.
+                left = {tp: end for tp, end in left.items() if positions[tp] < end}
                 remaining(max(0, total - read) if left else 0)
+                stall.check(
+                    {tp.partition: positions[tp] for tp in left},
+                    {tp.partition: end for tp, end in left.items()},
+                )
             return latest, read
+        finally:
+            consumer.close()
+
+    def _high_watermarks(self, partitions: list[TopicPartition]) -> dict[TopicPartition, int]:
+        """The end of each partition including records of open transactions: a
+        `read_committed` consumer would say the last stable offset instead, and a read up
+        to it could stop before committed records that follow an open transaction."""
+        consumer = KafkaConsumer(group_id=None, enable_auto_commit=False, **self._client_kwargs)
+        try:
+            return dict(consumer.end_offsets(partitions))
+        except KafkaTimeoutError as exc:
+            raise RestoreStalledError(
+                f"the ends of {[f'{tp.topic}[{tp.partition}]' for tp in partitions]} were not "
+                f"fetched: {exc}"
+            ) from exc
         finally:
             consumer.close()
 

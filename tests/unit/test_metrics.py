@@ -66,6 +66,7 @@ def test_the_exposition_has_every_declared_metric(metrics):
         "hiddenstate_rebalances",
         "hiddenstate_commit_failures",
         "hiddenstate_delivery_errors",
+        "hiddenstate_rewinds",
         "hiddenstate_device_fallback",
         "hiddenstate_model_info",
         "hiddenstate_build_info",

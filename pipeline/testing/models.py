@@ -1,4 +1,4 @@
-"""Test doubles shipped with the package, so that tests need neither Kafka nor PyTorch.
+"""Small recurrent models for tests: in numpy, and as real step-contract ONNX files.
 
 - `random_weights(...)` draws a small recurrent model (Elman RNN, GRU or LSTM,
   one or more layers, regression / classification / next-token head) in the
@@ -7,9 +7,7 @@
 - `write_onnx_step(weights, path)` writes the same model as a real step-contract
   ONNX file (fused `RNN`/`GRU`/`LSTM` nodes between batch-first transposes,
   metadata included), built with `onnx.helper` — the same numbers, so tests can
-  compare onnxruntime against numpy;
-- `event_record(...)` / `event_records(...)` build `InputRecord`s from Python values;
-- `ManualClock` is a clock tests move by hand.
+  compare onnxruntime against numpy.
 
 `write_onnx_step` needs the `onnx` package (in the `export` and test extras,
 not in the serving image); it is imported only when called.
@@ -18,8 +16,7 @@ not in the serving image); it is imported only when called.
 from __future__ import annotations
 
 import hashlib
-import json
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,7 +25,6 @@ import numpy as np
 from numpy.typing import NDArray
 
 from pipeline.model_spec import InputSpec, ModelSpec, OutputSpec, StateSpec
-from pipeline.records import BatchResult, Headers, InputRecord
 
 F32 = NDArray[np.float32]
 _GATES = {"rnn": 1, "gru": 3, "lstm": 4}
@@ -292,63 +288,3 @@ def write_onnx_step(weights: StepWeights, path: str | Path, opset: int = 17) -> 
     target = Path(path)
     onnx.save(model, str(target))
     return target
-
-
-def event_record(
-    key: str | bytes | None,
-    value: Mapping[str, Any] | bytes | str | None,
-    *,
-    offset: int = 0,
-    partition: int = 0,
-    topic: str = "events",
-    timestamp_ms: int = 1_700_000_000_000,
-    headers: Headers = (),
-) -> InputRecord:
-    """An `InputRecord`; a mapping value is JSON-encoded, a str key or value UTF-8 encoded."""
-    raw_key = key.encode() if isinstance(key, str) else key
-    if isinstance(value, Mapping):
-        raw_value: bytes | None = json.dumps(value).encode()
-    elif isinstance(value, str):
-        raw_value = value.encode()
-    else:
-        raw_value = value
-    return InputRecord(topic, partition, offset, raw_key, raw_value, timestamp_ms, headers)
-
-
-def event_records(
-    events: Iterable[tuple[str | bytes | None, Mapping[str, Any] | bytes | str | None]],
-    *,
-    topic: str = "events",
-    partitions: int = 1,
-    first_offset: int = 0,
-) -> list[InputRecord]:
-    """Records for `(key, value)` pairs in order; the partition is a stable hash of the key,
-    and offsets increase per partition, as a broker would assign them."""
-    next_offset: dict[int, int] = {}
-    records = []
-    for key, value in events:
-        raw = key.encode() if isinstance(key, str) else (key or b"")
-        partition = int(hashlib.md5(raw).hexdigest(), 16) % partitions
-        offset = next_offset.get(partition, first_offset)
-        next_offset[partition] = offset + 1
-        records.append(event_record(key, value, offset=offset, partition=partition, topic=topic))
-    return records
-
-
-def prediction_values(result: BatchResult) -> list[dict[str, Any]]:
-    """The decoded JSON of every prediction in a batch result, in order."""
-    return [json.loads(r.value or b"null") for r in result.predictions]
-
-
-class ManualClock:
-    """A clock that only moves when told: `clock()` reads it, `advance(s)` moves it."""
-
-    def __init__(self, start: float = 1_000.0) -> None:
-        self.now = start
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        """Move the clock forward."""
-        self.now += seconds
