@@ -168,11 +168,11 @@ class Checkpoints:
         )
         if fraction > limit and not self._settings.force_promotion:
             raise PromotionRefusedError(
-                f"promotion refused: {what}, more than {who('promotion_max_cold_fraction')} "
-                f"allows ({limit:g}). Serve on with the previous model and this one as "
-                f"--shadow-model until its streams are warm (hiddenstate_shadow_streams), or "
-                f"with {who('shadow_warmup_events')} large enough to replay them; or promote "
-                f"anyway with {who('force_promotion')}=true"
+                f"promotion refused: {what}. {who('promotion_max_cold_fraction')} allows "
+                f"{limit:g} of them. Serve on with the previous model and this one as "
+                "--shadow-model until its streams are warm (hiddenstate_shadow_streams), or with "
+                f"{who('shadow_warmup_events')} large enough to replay them; or promote anyway "
+                f"with {who('force_promotion')}=true"
             )
         accepted = self._store.accept_missed(partitions)
         log.warning(
@@ -215,18 +215,20 @@ class Checkpoints:
             warmed += shadow.replay(events, streams)
             replayed += len(events)
             progress()
+        stay = len(chosen) - warmed
         log.info(
             "shadow %s warmed up on partitions %s: %d of %d cold streams warm after replaying "
-            "%d past events in %.2f s (the others' first events are beyond %s=%d or the input "
-            "topic's retention)",
+            "%d past events in %.2f s%s",
             shadow.spec.identity,
             partitions,
             warmed,
             len(chosen),
             replayed,
             time.monotonic() - started,
-            flag_name("shadow_warmup_events"),
-            most,
+            f"; {stay} stay cold: their first events are beyond "
+            f"{flag_name('shadow_warmup_events')}={most} or the input topic's retention"
+            if stay
+            else "",
         )
 
 
