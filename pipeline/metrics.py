@@ -266,7 +266,7 @@ class Metrics:
         )
         self.state_store_bytes = Gauge(
             p + "state_store_bytes",
-            "Bytes of the state slabs and per-stream columns.",
+            "Bytes of the state slabs and per-stream columns (a shadow model's included).",
             registry=registry,
         )
         self.consumer_lag = Gauge(

@@ -137,9 +137,11 @@ class Processor:
 
     def _publish_store_size(self) -> None:
         self.metrics.active_streams.set(len(self.store))
-        self.metrics.state_store_bytes.set(self.store.nbytes)
+        nbytes = self.store.nbytes
         if self.shadow is not None:
+            nbytes += self.shadow.store.nbytes  # what memory is sized by: both models' states
             self.shadow.publish(self._clock())
+        self.metrics.state_store_bytes.set(nbytes)
 
     def _without_replays(self, events: list[Event]) -> list[Event]:
         """Drop events the restored states already hold.

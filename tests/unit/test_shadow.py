@@ -282,3 +282,10 @@ def test_the_served_model_itself_is_refused_as_its_shadow():
     served = random_weights("gru").spec
     with pytest.raises(ConfigError, match="is the same model as --model"):
         check_shadow(served, served, "v1.onnx", "copy.onnx")
+
+
+def test_the_state_store_gauge_counts_both_models_states(v1, v2, metrics, clock):
+    processor, _, _ = pair(v1, v2, metrics, clock)
+    processor.process([record(k, i, 0, offset=i) for i, k in enumerate("abc")])
+    expected = processor.store.nbytes + shadow_of(processor).store.nbytes
+    assert sample(metrics, "hiddenstate_state_store_bytes") == expected
