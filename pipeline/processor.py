@@ -176,6 +176,8 @@ class Processor:
         keys = [e.key for e in events]
         partitions = [e.record.partition for e in events]
         offsets = [e.record.offset for e in events]
+        # Which streams the served model starts from zeros here: the shadow starts them so too.
+        held = None if self.shadow is None else store.held(keys)
         slots = store.acquire(keys, partitions, offsets, now)
         for event in events:
             if event.reset:
@@ -193,9 +195,9 @@ class Processor:
         queued = wave_started - batch_started
         steps = store.steps(slots)
         records = self._encoder.encode_wave(events, outputs, steps, queued, inference)
-        if self.shadow is not None:
+        if self.shadow is not None and held is not None:
             shadowed += self.shadow.step_wave(
-                events, x, partitions, offsets, outputs, steps, queued, now
+                events, x, partitions, offsets, outputs, steps, held, queued, now
             )
         self.metrics.inference_seconds.observe(inference)
         self.metrics.wave_size.observe(len(events))

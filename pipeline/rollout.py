@@ -65,8 +65,11 @@ class InputHistory(Protocol):
         """(first offset still retained, next offset) of `partition`."""
         ...
 
-    def read(self, partition: int, start: int, end: int) -> list[InputRecord]:
-        """The records of `partition` at offsets `[start, end)`, in offset order."""
+    def read(
+        self, partition: int, start: int, end: int, progress: Callable[[], None]
+    ) -> list[InputRecord]:
+        """The records of `partition` at offsets `[start, end)`, in offset order; `progress()`
+        is called as they arrive (the loop beats its liveness with it)."""
         ...
 
 
@@ -244,8 +247,10 @@ def _subset(rows: Rows, chosen: Any) -> Rows:
 
 
 # The first look back reads this many records, each further one twice as many as the one
-# before: the streams to warm up are interleaved with every other stream of the partition.
+# before (the streams to warm up are interleaved with every other stream of the partition),
+# up to the longest: what one read holds in memory at once, a few seconds of reading.
 _FIRST_LOOK_BACK = 10_000
+_LONGEST_LOOK_BACK = 500_000
 
 
 def recent_events(
@@ -267,11 +272,11 @@ def recent_events(
         return found
     low, high = history.bounds(partition)
     end = min(high, max(upto[key] for key in pending) + 1)
-    span = max(_FIRST_LOOK_BACK, 2 * sum(need[key] for key in pending))
+    span = min(max(_FIRST_LOOK_BACK, 2 * sum(need[key] for key in pending)), _LONGEST_LOOK_BACK)
     while pending and end > low:
         start = max(low, end - span)
         fresh: dict[bytes, list[Event]] = {}
-        for record in history.read(partition, start, end):
+        for record in history.read(partition, start, end, progress):
             key = record.key
             if key is None or key not in pending or record.offset > upto[key]:
                 continue
@@ -287,7 +292,7 @@ def recent_events(
                 pending.discard(key)
         progress()
         end = start
-        span *= 2
+        span = min(2 * span, _LONGEST_LOOK_BACK)
     return found
 
 
@@ -325,7 +330,9 @@ class KafkaInputHistory:
         high = self._consumer.end_offsets([tp])[tp]
         return int(low), int(high)
 
-    def read(self, partition: int, start: int, end: int) -> list[InputRecord]:
+    def read(
+        self, partition: int, start: int, end: int, progress: Callable[[], None]
+    ) -> list[InputRecord]:
         consumer = self._consumer
         tp = TopicPartition(self._topic, partition)
         consumer.assign([tp])
@@ -339,6 +346,7 @@ class KafkaInputHistory:
             now_at = consumer.position(tp)
             if now_at > position:
                 position, moved = now_at, time.monotonic()
+                progress()
             elif time.monotonic() - moved > self._stall_timeout_s:
                 raise RestoreStalledError(
                     f"warming up the shadow from {self._topic}[{partition}]: no progress for "

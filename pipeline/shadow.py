@@ -17,11 +17,11 @@ shadow has seen from its first event, or since its last reset, is **warm**: its
 state is exactly what the shadow model would hold had it served the stream from
 the start. The served model's step count says which is which, event by event:
 
-- the served model stepped from zeros (`step == 1`: a new stream, a reset, or
-  one that was evicted and came back): the shadow starts from zeros too: warm;
-- the shadow holds no state yet (`step == 0`) but the served model had stepped
-  the stream before: the shadow joins mid-stream, cold, having missed
-  `step - 1` events.
+- the served model starts the stream from zeros (a new stream, a reset, or one
+  that was evicted and came back): the shadow starts from zeros too: warm;
+- the shadow holds no state yet (its `step` is 0) but the served model had
+  stepped the stream before: the shadow joins mid-stream, cold, having missed
+  what the served state holds (its `step` - 1 after this event).
 
 A cold stream stays cold until a reset, or until `--shadow-warmup-events`
 replays its past events from the input topic (`pipeline.rollout`). The missed
@@ -161,16 +161,22 @@ class Shadow:
         offsets: Sequence[int],
         served: Outputs,
         served_steps: NDArray[np.int64],
+        served_held: NDArray[np.bool_],
         queued_seconds: float,
         now: float,
     ) -> list[OutputRecord]:
         """Step the shadow on a wave the served model just stepped (`served` its outputs,
-        `served_steps` its step counts after the step); returns the shadow's predictions."""
+        `served_steps` its step counts after the step, `served_held` whether it held each
+        stream before the wave); returns the shadow's predictions."""
         store = self.store
         keys = [e.key for e in events]
         slots = store.acquire(keys, partitions, offsets, now)
         before = store.steps(slots)
-        fresh = served_steps == 1
+        # Not by `served_steps == 1`: a zero placeholder the served model restored (a forced
+        # promotion) also makes its first step here, and the shadow's state of it is real.
+        fresh = ~served_held | np.fromiter(
+            (e.reset for e in events), dtype=np.bool_, count=len(events)
+        )
         if fresh.any():  # the served model starts these from zeros: so does the shadow
             store.reset_slots(slots[fresh])
         joined = (before == 0) & ~fresh

@@ -121,6 +121,10 @@ class StateStore:
     def __contains__(self, key: object) -> bool:
         return key in self._index
 
+    def held(self, keys: Sequence[bytes]) -> NDArray[np.bool_]:
+        """For each key, whether its stream is held now."""
+        return np.fromiter(map(self._index.__contains__, keys), dtype=np.bool_, count=len(keys))
+
     def keys(self) -> Iterator[bytes]:
         """The stream keys held now."""
         return iter(list(self._index))

@@ -53,8 +53,9 @@ class FakeHistory:
     def bounds(self, partition: int) -> tuple[int, int]:
         return 0, len(self._kafka.topics[self._topic][partition])
 
-    def read(self, partition: int, start: int, end: int) -> list[InputRecord]:
+    def read(self, partition: int, start: int, end: int, progress: Any) -> list[InputRecord]:
         self.reads.append((partition, start, end))
+        progress()
         log = self._kafka.topics[self._topic][partition][start:end]
         return [
             InputRecord(self._topic, partition, r.offset, r.key, r.value, r.timestamp_ms)
@@ -394,6 +395,23 @@ def test_a_forced_promotion_serves_and_a_later_restart_is_not_refused(kafka, v1,
     assert [p["step"] for p in by_stream(written(kafka, OUTPUT))[b"a"]][-2:] == [1, 2]
 
 
+def test_a_forced_promotion_keeps_the_old_models_states_in_shadow_for_cold_streams(kafka, v1, v2):
+    streams = Streams(kafka)
+    alone = Server(kafka, v1)
+    streams.send("a", 2)
+    alone.serve(2)
+    alone.stop()
+    joined = Server(kafka, v1, v2)
+    joined.serve()  # v2 holds a as a cold placeholder
+    joined.stop()
+    forced = Server(kafka, v2, v1, "--force-promotion")
+    streams.send("a")
+    forced.serve(2)
+    (old,) = written(kafka, SHADOW_OUTPUT)
+    assert (old["model"]["version"], old["step"]) == ("1", 3)
+    np.testing.assert_allclose(old["outputs"]["probs"], streams.reference(v1, b"a")[-1], atol=1e-6)
+
+
 def test_cold_streams_within_the_allowed_fraction_are_promoted(kafka, v1, v2):
     streams = Streams(kafka)
     alone = Server(kafka, v1)
@@ -500,3 +518,21 @@ def test_recent_events_read_back_in_doubling_spans_until_every_stream_has_its_ev
     assert [e.record.offset for e in found[b"a"]] == [0, 1, 2]
     assert [e.record.offset for e in found[b"b"]] == [7, 8]
     assert history.reads == [(partition, 0, 9)]  # the first span, 2 x 5 events, reached back
+
+
+def test_the_look_back_doubles_up_to_its_longest_span(kafka, v1, monkeypatch):
+    monkeypatch.setattr(rollout, "_FIRST_LOOK_BACK", 1)
+    monkeypatch.setattr(rollout, "_LONGEST_LOOK_BACK", 4)
+    streams = Streams(kafka)
+    streams.send("a", 2)
+    streams.send("b", 10)
+    partition = kafka.partition_for(INPUT, b"a")
+    history = FakeHistory(kafka, INPUT)
+    decoder = EventDecoder(v1.spec.input, 65536)
+    found = recent_events(history, decoder, partition, {b"a": 2}, {b"a": 1})
+    assert [e.record.offset for e in found[b"a"]] == [0, 1]
+    assert history.reads == [(partition, 0, 2)]  # from a's last event: 2 x its 2 events
+    found = recent_events(history, decoder, partition, {b"a": 2}, {b"a": 11})
+    assert [e.record.offset for e in found[b"a"]] == [0, 1]
+    spans = [end - start for _, start, end in history.reads[1:]]
+    assert spans == [4, 4, 4]  # 12 records back to a's first two, never more than 4 at once
