@@ -348,7 +348,9 @@ class RolloutConfig:
     )
     shadow_output_topic: str = _setting(
         "",
-        "topic the shadow model's predictions go to (the prediction format, with its identity)",
+        "topic the shadow model's predictions go to (the prediction format, with its identity), "
+        "co-partitioned with the input: the prediction of an event of input partition p goes "
+        "to partition p",
         derived="<output_topic>.shadow",
     )
     shadow_changelog_topic: str = _setting(

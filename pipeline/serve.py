@@ -22,12 +22,13 @@ from types import FrameType
 from prometheus_client import CollectorRegistry
 
 from pipeline import changelog, logs
+from pipeline.codec import PredictionEncoder
 from pipeline.config import ServeConfig, load_config, name_only_changelog
 from pipeline.delivery import Changes, CheckpointSchedule, Committer
 from pipeline.delivery.at_least_once import AtLeastOnce
 from pipeline.delivery.exactly_once import ExactlyOnce
-from pipeline.errors import ConfigError, HiddenstateError
-from pipeline.formats import open_formats
+from pipeline.errors import ConfigError, HiddenstateError, KafkaSetupError
+from pipeline.formats import Encoder, open_formats
 from pipeline.health import HealthServer, LoopState
 from pipeline.loop import LoopSettings, ServeLoop
 from pipeline.metrics import Metrics
@@ -130,7 +131,14 @@ def check_topics(
         changelog.ensure_topic(topics, changelog_topic, partitions)
         if shadow_topics is not None:
             output, shadow_changelog = shadow_topics
-            topics.ensure(output, partitions)
+            count = topics.ensure(output, partitions)
+            if count != partitions:
+                raise KafkaSetupError(
+                    f"shadow output topic {output!r} has {count} partitions, the input topic "
+                    f"{partitions}: the shadow's prediction of an event of input partition p "
+                    "goes to its partition p. Give it as many partitions, or name another "
+                    "with --shadow-output-topic"
+                )
             changelog.ensure_topic(topics, shadow_changelog, partitions)
         return partitions
     finally:
@@ -329,10 +337,11 @@ def open_shadow(
     """The shadow beside `model`: its predictions in the configured output format (a
     registry format registers the shadow's schema under its own topic) to
     `--shadow-output-topic`."""
-    shadow_config = replace(
-        config, topics=replace(config.topics, output_topic=config.rollout.shadow_output_topic)
-    )
-    _, encoder = open_formats(shadow_config, shadow_model.spec)
+    topic = config.rollout.shadow_output_topic
+    encoder: Encoder = PredictionEncoder(shadow_model.spec, topic, by_source_partition=True)
+    if config.formats.output_format != "json":
+        shadow_config = replace(config, topics=replace(config.topics, output_topic=topic))
+        _, encoder = open_formats(shadow_config, shadow_model.spec)
     shadow = make_shadow(
         shadow_model,
         model.spec,

@@ -10,6 +10,11 @@ compared into `hiddenstate_shadow_*` (`pipeline.metrics.RolloutMetrics`). Its
 snapshots go to a changelog of its own, in the same checkpoint (and the same
 transaction) as the served model's: `pipeline.rollout.Checkpoints`.
 
+Its predictions go to the partition of their input event (the shadow output topic is
+co-partitioned with the input, like the changelog): a stream's predictions stay in
+one partition, in order, and no partitioner hashes each key again (kafka-python's
+murmur2 runs in Python: about as much CPU as the rest of the record).
+
 Warm and cold. The shadow may join a stream mid-way: it was started after the
 stream's first events. Its state then did not see them, and the store records
 how many it missed (`StateStore.missed`): such a stream is **cold**. A stream the
@@ -189,6 +194,11 @@ class Shadow:
         records = self._encoder.encode_wave(
             events, outputs, store.steps(slots), queued_seconds, inference
         )
+        if records and records[0].partition is None:  # an encoder that partitions by key
+            records = [
+                r._replace(partition=e.record.partition)
+                for r, e in zip(records, events, strict=True)
+            ]
         self._compare(served, outputs)
         metrics = self._metrics
         metrics.inference_seconds.observe(inference)

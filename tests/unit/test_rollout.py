@@ -87,7 +87,7 @@ class Server:
         twin = None
         shadow_changelog = None
         if shadow is not None:
-            encoder = PredictionEncoder(shadow.spec, SHADOW_OUTPUT)
+            encoder = PredictionEncoder(shadow.spec, SHADOW_OUTPUT, by_source_partition=True)
             twin = make_shadow(
                 NumpyStepModel(shadow),
                 primary.spec,

@@ -48,7 +48,7 @@ def pair(
     """A processor serving `primary` with `secondary` in shadow, wired as serve wires them."""
     served, shadowed = NumpyStepModel(primary), NumpyStepModel(secondary)
     settings = config(*flags)
-    encoder = PredictionEncoder(secondary.spec, SHADOW_TOPIC)
+    encoder = PredictionEncoder(secondary.spec, SHADOW_TOPIC, by_source_partition=True)
     shadow = make_shadow(shadowed, primary.spec, settings, metrics.rollout, encoder, clock=clock)
     processor = make_processor(served, settings, metrics, clock=clock, shadow=shadow)
     return processor, served, shadowed
@@ -289,3 +289,20 @@ def test_the_state_store_gauge_counts_both_models_states(v1, v2, metrics, clock)
     processor.process([record(k, i, 0, offset=i) for i, k in enumerate("abc")])
     expected = processor.store.nbytes + shadow_of(processor).store.nbytes
     assert sample(metrics, "hiddenstate_state_store_bytes") == expected
+
+
+def test_shadow_predictions_go_to_the_partition_of_their_input_event(v1, v2, metrics, clock):
+    processor, _, _ = pair(v1, v2, metrics, clock)
+    records = [event_record("a", {"x": x(0, 0)}, partition=3), event_record("b", {"x": x(1, 0)}, partition=1)]  # fmt: skip
+    result = processor.process(records)
+    assert [(r.key, r.partition) for r in result.shadow_predictions] == [(b"a", 3), (b"b", 1)]
+
+
+def test_an_encoder_that_partitions_by_key_is_given_the_input_partitions(v1, v2, metrics, clock):
+    served, shadowed = NumpyStepModel(v1), NumpyStepModel(v2)
+    settings = config()
+    by_key = PredictionEncoder(v2.spec, SHADOW_TOPIC)  # as a registry format's encoder does
+    shadow = make_shadow(shadowed, v1.spec, settings, metrics.rollout, by_key, clock=clock)
+    processor = make_processor(served, settings, metrics, clock=clock, shadow=shadow)
+    result = processor.process([event_record("a", {"x": x(0, 0)}, partition=2)])
+    assert [r.partition for r in result.shadow_predictions] == [2]
