@@ -124,7 +124,7 @@ class Checkpoints:
         shadow = self._shadow
         if shadow is None:
             return
-        aligned = shadow.align(self._store.rows(partitions), partitions)
+        aligned = shadow.align(self._store.rows(partitions, with_states=False), partitions)
         if aligned.served_behind:
             log.warning(
                 "%d streams of partitions %s: the states of %s are older than those of the "
@@ -196,7 +196,7 @@ class Checkpoints:
     ) -> None:
         started = time.monotonic()
         most = self._settings.shadow_warmup_events
-        rows = shadow.store.rows(partitions)
+        rows = shadow.store.rows(partitions, with_states=False)
         missed = rows.missed_or_zeros()
         position = rows.steps + missed
         wanted = np.minimum(position, most)

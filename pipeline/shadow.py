@@ -245,9 +245,10 @@ class Shadow:
         model's streams there. Streams it lacks, or holds at an older offset (its changelog
         stopped while the served model went on), become cold placeholders: zero states that
         missed every event the served state holds, written at the next checkpoint. Streams
-        only the shadow holds (the served model forgot them) are forgotten."""
+        only the shadow holds (the served model forgot them) are forgotten. `served` needs
+        no states (`StateStore.rows(..., with_states=False)`)."""
         store = self.store
-        mine = store.rows(partitions)
+        mine = store.rows(partitions, with_states=False)
         theirs = dict.fromkeys(served.keys)
         gone = [key for key in mine.keys if key not in theirs]
         store.forget(gone)

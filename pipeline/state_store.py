@@ -353,9 +353,10 @@ class StateStore:
         self._remove(slots, tombstone=True)
         return len(slots)
 
-    def rows(self, partitions: Collection[int]) -> Rows:
+    def rows(self, partitions: Collection[int], *, with_states: bool = True) -> Rows:
         """Copies of the streams read from `partitions`, as columns (nothing changes:
-        unlike `drain_dirty_rows`, no stream is marked clean)."""
+        unlike `drain_dirty_rows`, no stream is marked clean). Without `with_states`, the
+        states are left out (`states` is empty): only the columns are copied."""
         slots = self._slots_of(partitions)
         keys = self._keys
         return Rows(
@@ -363,7 +364,7 @@ class StateStore:
             partitions=self._partition[slots],
             offsets=self._offset[slots],
             steps=self._steps[slots],
-            states=tuple(slab[slots] for slab in self._slabs),
+            states=tuple(slab[slots] for slab in self._slabs) if with_states else (),
             missed=self._missed[slots],
         )
 

@@ -194,3 +194,27 @@ def test_under_exactly_once_each_event_has_one_committed_prediction_of_each_mode
         sources = [(json.loads(r.value)["source"]["partition"], json.loads(r.value)["source"]["offset"]) for r in records]  # fmt: skip
         assert len(sources) == len(set(sources)) == len(sent)
         assert {json.loads(r.value)["model"]["version"] for r in records} == {version}
+
+
+def test_a_shadow_output_topic_not_co_partitioned_with_the_input_is_refused_at_start(
+    kafka, serve, files
+):
+    *_, args = topics(kafka)
+    narrow = kafka.create_topic("rollout-shadow", partitions=2)
+    refused = serve("--model", str(files["v1"]), "--shadow-model", str(files["v2"]),
+                    "--shadow-output-topic", narrow, *args, ready=False)  # fmt: skip
+    assert refused.wait_exit() == 1
+    assert f"shadow output topic {narrow!r} has 2 partitions, the input topic 4" in refused.log()
+
+
+def test_a_shadow_with_other_features_is_refused_at_start_naming_them(
+    kafka, serve, files, tmp_path
+):
+    *_, args = topics(kafka)
+    other = write_onnx_step(
+        random_weights("gru", n_features=4, name="clf-it", version="3", task="classification"),
+        tmp_path / "v3.onnx",
+    )
+    refused = serve("--model", str(files["v1"]), "--shadow-model", str(other), *args, ready=False)
+    assert refused.wait_exit() == 1
+    assert "missing [], extra ['f3']" in refused.log()

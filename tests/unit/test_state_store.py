@@ -368,3 +368,10 @@ def test_accepting_missed_events_clears_them_and_marks_those_streams_dirty():
     assert store.accept_missed([0]) == 1
     assert store.count_cold([0]) == (0, 2)
     assert store.drain_dirty_rows().keys == [b"a"]
+
+
+def test_rows_without_states_copy_only_the_columns():
+    store = make_store()
+    step(store, [b"a"], 1.0, offset=4)
+    rows = store.rows([0], with_states=False)
+    assert (rows.keys, rows.offsets.tolist(), rows.states) == ([b"a"], [4], ())
