@@ -136,11 +136,6 @@ class ServeLoop:
         """Input partitions this consumer serves now."""
         return frozenset(self._assigned)
 
-    @property
-    def stopping(self) -> bool:
-        """True once a stop was asked for."""
-        return self._stopping
-
     def stop(self) -> None:
         """Ask the loop to leave after the batch in hand (safe from a signal handler)."""
         self._stopping = True
@@ -213,6 +208,7 @@ class ServeLoop:
         commit, so none of them may reach a checkpoint. Drop them all now; right after the
         next poll (or this one, from a callback) `_rewind` takes the partitions back to it."""
         log.warning("throwing away everything uncommitted: %s", reason)
+        self._health.beat()  # what failed may have waited its whole bound
         try:
             self._committer.reset()  # abort an open transaction before anything else
         except KafkaUnavailableError as error:

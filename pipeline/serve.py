@@ -179,8 +179,41 @@ def load_shadow(config: ServeConfig, model: OrtStepModel) -> OrtStepModel | None
     return shadow
 
 
+class StopRequest:
+    """SIGTERM and SIGINT from the first moment: a stop asked for during start-up lets the
+    start finish and then stops the loop before its first poll (exit 0, nothing served),
+    instead of the signal's default end halfway through; a second signal ends the process
+    at once."""
+
+    def __init__(self) -> None:
+        self.asked = False
+        self._loop: ServeLoop | None = None
+        self._watchdog: Watchdog | None = None
+        signal.signal(signal.SIGTERM, self._request)
+        signal.signal(signal.SIGINT, self._request)
+
+    def attach(self, loop: ServeLoop, watchdog: Watchdog) -> None:
+        """The loop to stop from now on (at once, if a stop was asked for already)."""
+        self._loop, self._watchdog = loop, watchdog
+        if self.asked:
+            loop.stop()
+            watchdog.stopping()
+
+    def _request(self, signum: int, frame: FrameType | None) -> None:
+        name = signal.Signals(signum).name
+        if self.asked:
+            log.warning("%s again: exiting at once, uncommitted", name)
+            os._exit(128 + signum)
+        self.asked = True
+        log.info("%s: finishing the batch in hand, then stopping", name)
+        if self._loop is not None and self._watchdog is not None:
+            self._loop.stop()
+            self._watchdog.stopping()
+
+
 def run(config: ServeConfig) -> None:
     """Serve until SIGTERM/SIGINT. Raises `HiddenstateError` for start-up failures."""
+    stop = StopRequest()
     transport = open_transport(config.kafka)  # a missing client library fails first
     log.info(
         "Kafka client %s (%s)", transport.name, choose_transport(config.kafka.transport).reason
@@ -224,7 +257,6 @@ def run(config: ServeConfig) -> None:
         model.spec, device=model.device, provider=model.provider, fallback=model.fallback
     )
     health = LoopState(config.observability.liveness_timeout_seconds)
-    exactly_once = config.delivery.guarantee == "exactly-once"
     shadow = None
     if shadow_model is not None and shadow_topics is not None:
         shadow = open_shadow(config, model, shadow_model, metrics, shadow_topics[1])
@@ -237,8 +269,9 @@ def run(config: ServeConfig) -> None:
     primary = changelog.Changelog(changelog_topic, model.spec, processor.store, metrics, reader)
     history = None
     if shadow is not None and config.rollout.shadow_warmup_events:
+        # read_committed, as the source reads: the events the served model stepped.
         history = KafkaInputHistory(
-            config.kafka.client_kwargs(), config.topics.input_topic, read_committed=exactly_once
+            config.kafka.client_kwargs(), config.topics.input_topic, read_committed=True
         )
     states = Checkpoints(
         primary,
@@ -262,7 +295,10 @@ def run(config: ServeConfig) -> None:
             on_assigned,
             on_revoked,
             on_lost,
-            read_committed=exactly_once,
+            # Both guarantees: aborted input is never served, and the committed offsets a
+            # rewind reads back are the stable ones (OffsetFetch with require_stable,
+            # KIP-447), not those of before a transaction's markers were written.
+            read_committed=True,
         )
 
     server = HealthServer(
@@ -291,18 +327,7 @@ def run(config: ServeConfig) -> None:
             timeout_s=config.observability.liveness_timeout_seconds + TRANSACTION_CALL_TIMEOUT_S,
             stop_timeout_s=DELIVERY_TIMEOUT_S + TRANSACTION_CALL_TIMEOUT_S,
         )
-
-        def request_stop(signum: int, frame: FrameType | None) -> None:
-            name = signal.Signals(signum).name
-            if loop.stopping:
-                log.warning("%s again: exiting at once, uncommitted", name)
-                os._exit(128 + signum)
-            log.info("%s: finishing the batch in hand, then stopping", name)
-            loop.stop()
-            watchdog.stopping()
-
-        signal.signal(signal.SIGTERM, request_stop)
-        signal.signal(signal.SIGINT, request_stop)
+        stop.attach(loop, watchdog)
         # Everything built so far (modules, the model, the clients) lives as long as the
         # process: move it out of the garbage collector's sight. Otherwise each full
         # collection walks all of it, a 25-35 ms stop of the loop on the benchmark
