@@ -2,7 +2,8 @@
 query and alert expression is answered with data.
 
 The stack, once for the module: the local Kafka broker (session fixture), `hiddenstate
-serve` as a subprocess on a real ONNX model (`pipeline.testing.write_onnx_step`),
+serve` as a subprocess on a real ONNX model (`pipeline.testing.write_onnx_step`, a
+classifier) with a second version of it in shadow (`--shadow-model`),
 `hiddenstate produce --source synthetic` sending about 300 events/s plus a few bad events
 for the dead-letter series, and Debian's `prometheus` binary on loopback (free port,
 temporary data folder, 1 s scrapes and rule evaluations, the alert rules of
@@ -50,6 +51,7 @@ TARGET_LABELS = {"namespace": "prom-test", "pod": "hiddenstate-0"}
 GRAFANA_VARIABLES = {"__rate_interval": "30s", "job": JOB, "namespace": ".+", "pod": ".+"}
 BAD_EVENTS = {"not_json": 4, "feature_count": 3, "missing_key": 2}
 MODEL_NAME = "prom-gru"
+STREAMS = 50  # of `hiddenstate produce --source synthetic`
 
 
 @dataclass
@@ -124,7 +126,16 @@ def stack(
     require("promtool")
     tmp = tmp_path_factory.mktemp("prometheus-stack")
     model = write_onnx_step(
-        random_weights("gru", n_features=3, hidden=16, layers=2, name=MODEL_NAME), tmp / "m.onnx"
+        random_weights(
+            "gru", n_features=3, hidden=16, layers=2, name=MODEL_NAME, task="classification"
+        ),
+        tmp / "m.onnx",
+    )
+    shadow = write_onnx_step(
+        random_weights(
+            "lstm", n_features=3, hidden=12, name=MODEL_NAME, version="2", task="classification"
+        ),
+        tmp / "shadow.onnx",
     )
     topic = kafka.create_topic("prom-events", partitions=2)
     metrics_port, prometheus_port = _free_port(), _free_port()
@@ -139,6 +150,7 @@ def stack(
                         "serve",
                         "--transport", serve_transport,
                         "--model", str(model),
+                        "--shadow-model", str(shadow),
                         "--input-topic", topic,
                         "--output-topic", f"{topic}.predictions",
                         "--bootstrap-servers", kafka_bootstrap,
@@ -160,7 +172,7 @@ def stack(
             subprocess.Popen(
                 _cli(
                     "produce", "--topic", topic, "--source", "synthetic", "--features", "3",
-                    "--streams", "50", "--rate", "300", "--count", "18000",
+                    "--streams", str(STREAMS), "--rate", "300", "--count", "18000",
                     "--bootstrap-servers", kafka_bootstrap,
                 ),
                 cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
@@ -233,7 +245,9 @@ def test_latency_and_wave_size_quantiles_are_finite_under_load(stack: Stack) -> 
         for name, query in dashboard_queries(GRAFANA_VARIABLES).items()
         if query.startswith("histogram_quantile") and "checkpoint" not in query
     }
-    assert len(quantiles) == 10  # inference, end to end: 3 each; waves, queue: 2 each
+    # inference, end to end: 3 each; waves, queue: 2 each; the shadow's difference 2, its step
+    # latency 2 and the served model's p99 beside it
+    assert len(quantiles) == 15
     assert {name: v for name, v in quantiles.items() if not 0 < v < math.inf} == {}
 
 
@@ -306,3 +320,20 @@ def test_promtool_accepts_the_servers_metrics_exposition(stack: Stack) -> None:
     )
     assert checked.returncode == 0, (checked.stdout + checked.stderr).decode()
     assert b"hiddenstate_events_total" in exposition
+
+
+def test_the_shadow_is_scraped_with_every_stream_warm_and_its_difference_measured(
+    stack: Stack,
+) -> None:
+    (info,) = stack.query(f'hiddenstate_shadow_model_info{{job="{JOB}"}}')
+    assert (info["metric"]["name"], info["metric"]["version"]) == (MODEL_NAME, "2")
+    assert stack.value('sum(hiddenstate_shadow_streams{warmth="warm"})') == STREAMS
+    assert stack.value('sum(hiddenstate_shadow_streams{warmth="cold"})') == 0
+    shadowed = stack.value("sum(rate(hiddenstate_shadow_predictions_total[10s]))")
+    served = stack.value("sum(rate(hiddenstate_predictions_total[10s]))")
+    assert shadowed == pytest.approx(served, rel=0.2)
+    compared = stack.value("sum(hiddenstate_shadow_abs_difference_count)")
+    agreed = stack.value("sum(hiddenstate_shadow_argmax_agreements_total)")
+    assert compared > 0
+    assert 0 <= agreed <= compared
+    assert stack.value("sum(hiddenstate_restored_cold_streams_total)") == 0

@@ -24,6 +24,7 @@ import yaml
 from prometheus_client import CollectorRegistry
 
 from pipeline.metrics import Metrics
+from pipeline.testing import random_weights
 
 REPO = Path(__file__).resolve().parents[3]
 DASHBOARD = REPO / "deploy" / "components" / "grafana-dashboard" / "hiddenstate.json"
@@ -151,6 +152,10 @@ def exported_metric_names() -> set[str]:
     registry = CollectorRegistry()
     metrics = Metrics(registry)
     metrics.set_lag(0, 0)  # a labelled gauge has no sample until a label value is set
+    # Likewise the shadow's series, which exist once a shadow is set.
+    metrics.rollout.set_shadow(
+        random_weights().spec, device="cpu", provider="", compared=["y"], argmax=["y"]
+    )
     names = set()
     for family in registry.collect():
         names.add(family.name)
