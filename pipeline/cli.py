@@ -112,7 +112,12 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _stop_before_serving(signum: int, frame: object) -> None:
-    raise SystemExit(0)
+    # At once, not by raising SystemExit: the signal may land inside a module's import,
+    # and onnxruntime's native initialisation turned that into an ImportError and a
+    # traceback (the fault campaign: a stop during a restart). Nothing is open yet.
+    sys.stderr.write(f"hiddenstate serve: {signal.Signals(signum).name} during start-up: stopped\n")
+    sys.stderr.flush()
+    os._exit(0)
 
 
 if __name__ == "__main__":

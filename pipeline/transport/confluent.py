@@ -507,17 +507,18 @@ def _watermarks(
     consumer: Consumer, partition: TopicPartition, patience_s: float = 10.0
 ) -> tuple[int, int]:
     """The low and high watermark of a partition. A changelog created moments ago may
-    have no leader yet (NOT_LEADER_FOR_PARTITION): ask again for a while."""
+    have no leader yet (NOT_LEADER_FOR_PARTITION), and a broker that restarts answers
+    nothing for a while: ask again, for `patience_s` in all."""
     deadline = time.monotonic() + patience_s
     while True:
         try:
-            low, high = consumer.get_watermark_offsets(partition, timeout=patience_s)
+            low, high = consumer.get_watermark_offsets(partition, timeout=min(10.0, patience_s))
             return max(0, low), max(0, high)
         except KafkaException as exc:
             if time.monotonic() > deadline:
                 raise RestoreStalledError(
-                    f"the size of {partition.topic}[{partition.partition}] is unknown: "
-                    f"{exc.args[0].str()}"
+                    f"the size of {partition.topic}[{partition.partition}] is unknown after "
+                    f"{patience_s:.0f} s: {exc.args[0].str()}"
                 ) from exc
             time.sleep(0.2)
 
@@ -615,6 +616,9 @@ class ConfluentChangelogReader:
             }
         )
         try:
-            return {p: _watermarks(consumer, TopicPartition(topic, p)) for p in partitions}
+            return {
+                p: _watermarks(consumer, TopicPartition(topic, p), self._stall_timeout_s)
+                for p in partitions
+            }
         finally:
             consumer.close()

@@ -8,8 +8,10 @@ docs/benchmarks.md what it costs next to the `confluent` transport.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
+import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -21,6 +23,7 @@ from kafka.errors import (
     KafkaError,
     KafkaTimeoutError,
     ProducerFencedError,
+    RetriableError,
     TransactionalIdAuthorizationFailedError,
     UnsupportedCodecError,
 )
@@ -31,6 +34,7 @@ from pipeline.errors import (
     DeliveryError,
     FencedError,
     FlushTimeoutError,
+    HiddenstateError,
     KafkaSetupError,
     KafkaUnavailableError,
     RestoreStalledError,
@@ -180,6 +184,17 @@ class KafkaSource:
             batches = self._consumer.poll(timeout_ms=int(timeout_s * 1000), max_records=max_records)
         except (UnsupportedCodecError, CorruptRecordError) as exc:
             raise undecodable_batch(self._consumer, exc) from exc
+        except RetriableError as exc:
+            # kafka-python 3 lets a reset connection or a coordinator it cannot find out
+            # of poll (the fault campaign: broker restarts, network cuts). The client
+            # reconnects by itself: this poll found nothing, and the next one tries again.
+            log.info("poll: %s; polling on while the client reconnects", exc)
+            time.sleep(timeout_s)
+            return []
+        except KafkaError as exc:
+            if isinstance(exc.__cause__, HiddenstateError):
+                raise exc.__cause__ from None  # a callback of ours failed, and says why
+            raise
         return [InputRecord.from_kafka(r) for records in batches.values() for r in records]
 
     def seek_to_committed(self, partitions: Sequence[int]) -> dict[int, int | None]:
@@ -292,7 +307,7 @@ class KafkaSink:
                 raise DeliveryError(f"Kafka refused an output record: {future.exception}")
 
     def close(self) -> None:
-        self._producer.close(timeout=TRANSACTION_CALL_TIMEOUT_S)
+        _close(self._producer, TRANSACTION_CALL_TIMEOUT_S)
 
 
 class KafkaTransactionalSink(KafkaSink):
@@ -327,23 +342,31 @@ class KafkaTransactionalSink(KafkaSink):
     def _start(self) -> KafkaProducer:
         """A producer with this transactional id, initialised: the broker completes or
         aborts whatever a previous producer with the id left open, and fences it."""
-        producer = _make_producer(
-            self._kwargs,
-            linger_ms=self._linger_ms,
-            transactional_id=self._id,
-            transaction_timeout_ms=self._transaction_timeout_ms,
-            max_block_ms=int(TRANSACTION_CALL_TIMEOUT_S * 1000),
-        )
+        try:
+            producer = _make_producer(
+                self._kwargs,
+                linger_ms=self._linger_ms,
+                transactional_id=self._id,
+                transaction_timeout_ms=self._transaction_timeout_ms,
+                max_block_ms=int(TRANSACTION_CALL_TIMEOUT_S * 1000),
+            )
+        except KafkaSetupError as exc:
+            if not hasattr(self, "_producer"):
+                raise  # at start-up: a broker that does not answer is a setup error
+            # Later, after an abort during an outage: the caller rewinds and tries again.
+            raise TransactionTimeoutError(
+                f"no new producer for transactional id {self._id!r}: {exc}"
+            ) from exc
         try:
             producer.init_transactions()
         except KafkaTimeoutError as exc:
-            producer.close(timeout=0)
+            _close(producer, 0)
             raise TransactionTimeoutError(
                 f"transactional id {self._id!r} was not initialised within "
                 f"{TRANSACTION_CALL_TIMEOUT_S:.0f} s: {exc}"
             ) from exc
         except TransactionalIdAuthorizationFailedError as exc:
-            producer.close(timeout=0)
+            _close(producer, 0)
             raise KafkaSetupError(unauthorized(self._id)) from exc
         self._ready = True
         return producer
@@ -397,7 +420,7 @@ class KafkaTransactionalSink(KafkaSink):
     def _discard(self) -> None:
         self._ready = False
         self._uncertain = False
-        self._producer.close(timeout=0)
+        _close(self._producer, 0)
 
     def _wait(self, result: Any, doing: str) -> None:
         self._producer._sender.wakeup()
@@ -406,6 +429,20 @@ class KafkaTransactionalSink(KafkaSink):
                 f"{doing} transaction {self._id!r} did not finish within "
                 f"{TRANSACTION_CALL_TIMEOUT_S:.0f} s (is the broker away?)"
             )
+
+
+def _close(producer: KafkaProducer, timeout_s: float) -> None:
+    """Close within `timeout_s`, whatever is still unsent. Since dpkp/kafka-python#2537,
+    `close` flushes first, and that flush raises `KafkaTimeoutError` when records wait
+    for a broker that is away, before the close itself ran: the sender thread is then
+    stopped by force (its records fail) and the close finished."""
+    try:
+        producer.close(timeout=timeout_s)
+    except KafkaTimeoutError:
+        if producer._sender is not None:
+            producer._sender.force_close()
+        with contextlib.suppress(KafkaError):
+            producer.close(timeout=0)
 
 
 def _make_producer(client_kwargs: Mapping[str, Any], **settings: Any) -> KafkaProducer:
@@ -434,16 +471,21 @@ class KafkaChangelogReader:
     ) -> tuple[Latest, int]:
         assigned = [TopicPartition(topic, p) for p in partitions]
         ends = self._high_watermarks(assigned)
-        consumer = KafkaConsumer(
-            group_id=None,
-            enable_auto_commit=False,
-            # Snapshots of an aborted transaction never happened.
-            isolation_level="read_committed",
-            max_poll_records=10_000,
-            fetch_max_bytes=64 * 1024 * 1024,
-            max_partition_fetch_bytes=16 * 1024 * 1024,
-            **self._client_kwargs,
-        )
+        try:
+            consumer = KafkaConsumer(
+                group_id=None,
+                enable_auto_commit=False,
+                # Snapshots of an aborted transaction never happened.
+                isolation_level="read_committed",
+                max_poll_records=10_000,
+                fetch_max_bytes=64 * 1024 * 1024,
+                max_partition_fetch_bytes=16 * 1024 * 1024,
+                **self._client_kwargs,
+            )
+        except KafkaError as exc:
+            raise RestoreStalledError(
+                f"restoring from {topic}: no reader connects ({exc})"
+            ) from exc
         try:
             consumer.assign(assigned)
             consumer.seek_to_beginning(*assigned)
@@ -452,13 +494,26 @@ class KafkaChangelogReader:
             remaining(total)
             latest: Latest = {}
             read = 0
+            positions = {tp: 0 for tp in left}
             stall = StallWatch(topic, self._stall_timeout_s)
             while left:
-                for tp, records in consumer.poll(timeout_ms=500).items():
-                    for record in records:
-                        latest[record.key] = (tp.partition, record.value)
-                    read += len(records)
-                positions = {tp: consumer.position(tp) for tp in left}
+                try:
+                    for tp, records in consumer.poll(timeout_ms=500).items():
+                        for record in records:
+                            latest[record.key] = (tp.partition, record.value)
+                        read += len(records)
+                    for tp in left:
+                        position = consumer.position(tp, timeout_ms=5_000)
+                        if position is not None:
+                            positions[tp] = position
+                except KafkaError as exc:
+                    # The broker restarts or the link drops (a reset connection): the
+                    # client reconnects on its own; until then nothing moves, and the
+                    # stall watch below bounds how long that may last.
+                    log.info(
+                        "restoring from %s: %s; reading on when the broker answers", topic, exc
+                    )
+                    time.sleep(0.5)
                 # The position passes the end even when the last records are
                 # transaction markers, which are never returned.
                 left = {tp: end for tp, end in left.items() if positions[tp] < end}
@@ -474,17 +529,27 @@ class KafkaChangelogReader:
     def _high_watermarks(self, partitions: list[TopicPartition]) -> dict[TopicPartition, int]:
         """The end of each partition including records of open transactions: a
         `read_committed` consumer would say the last stable offset instead, and a read up
-        to it could stop before committed records that follow an open transaction."""
-        consumer = KafkaConsumer(group_id=None, enable_auto_commit=False, **self._client_kwargs)
-        try:
-            return dict(consumer.end_offsets(partitions))
-        except KafkaTimeoutError as exc:
-            raise RestoreStalledError(
-                f"the ends of {[f'{tp.topic}[{tp.partition}]' for tp in partitions]} were not "
-                f"fetched: {exc}"
-            ) from exc
-        finally:
-            consumer.close()
+        to it could stop before committed records that follow an open transaction. Asked
+        again while the broker does not answer, for the stall bound at most."""
+        deadline = time.monotonic() + self._stall_timeout_s
+        while True:
+            try:
+                consumer = KafkaConsumer(
+                    group_id=None, enable_auto_commit=False, **self._client_kwargs
+                )
+                try:
+                    return dict(consumer.end_offsets(partitions, timeout_ms=10_000))
+                finally:
+                    consumer.close()
+            except KafkaError as exc:  # a timeout, or the connection reset under the call
+                if time.monotonic() >= deadline:
+                    names = [f"{tp.topic}[{tp.partition}]" for tp in partitions]
+                    raise RestoreStalledError(
+                        f"the ends of {names} were not fetched within "
+                        f"{self._stall_timeout_s:.0f} s: {exc}"
+                    ) from exc
+                log.info("the ends of the changelog: %s; asking again", exc)
+                time.sleep(1.0)
 
 
 def _kafka_offsets(offsets: Offsets) -> dict[TopicPartition, OffsetAndMetadata]:

@@ -82,6 +82,9 @@ class Proxy:
             except OSError:
                 _reset(client)  # the broker is down: so is the link
                 continue
+            # Before the pumps start: a cut may close both sockets before a pump runs.
+            client.settimeout(0.2)
+            upstream.settimeout(0.2)
             with self._lock:
                 self._connections += [client, upstream]
             for source, target in ((client, upstream), (upstream, client)):
@@ -90,7 +93,6 @@ class Proxy:
                 ).start()
 
     def _pump(self, source: socket.socket, target: socket.socket) -> None:
-        source.settimeout(0.2)
         while not self._stopped.is_set():
             try:
                 data = source.recv(65536)

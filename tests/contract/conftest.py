@@ -39,6 +39,8 @@ class Outage:
     cut: Callable[[], None]
     restore: Callable[[], None]
     topic: Callable[[], str]
+    # Connections reset and new ones refused, as while the broker restarts.
+    reset: Callable[[], None]
 
 
 class Harness(Protocol):
@@ -98,6 +100,7 @@ class FakeHarness:
             lambda: down(True),
             lambda: down(False),
             lambda: kafka.create_topic(f"outage-{uuid.uuid4().hex[:6]}", 1),
+            lambda: down(True),
         )
 
 
@@ -190,7 +193,13 @@ class RealHarness:
         broker = self._outage_broker()
         transport = self.transport(f"outage-{uuid.uuid4().hex[:6]}", broker.proxied_bootstrap)
         own = RealHarness(self.name, broker.bootstrap, self._outage_broker)
-        return Outage(transport, broker.proxy.blackhole, broker.proxy.restore, lambda: own.topic(1))
+        return Outage(
+            transport,
+            broker.proxy.blackhole,
+            broker.proxy.restore,
+            lambda: own.topic(1),
+            broker.proxy.cut,
+        )
 
 
 def member_id(source: Source) -> str:

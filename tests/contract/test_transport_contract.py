@@ -319,6 +319,43 @@ def test_a_transaction_commit_while_the_broker_does_not_answer_ends_within_its_b
     assert isinstance(outcome[0], TransactionTimeoutError | TransactionAbortedError), outcome
 
 
+def test_after_a_commit_that_timed_out_with_records_unsent_the_abort_ends_within_its_bound(
+    harness, monkeypatch
+):
+    """kafka-python's `close(timeout=0)` flushes first and raised its own timeout while
+    records waited for the broker: the server died with a traceback (the fault campaign:
+    broker restarts and network cuts, both guarantees)."""
+    outage = harness.outage()
+    topic = outage.topic()
+    sink = outage.transport.transactional_sink(f"tx-{uuid.uuid4().hex[:6]}", 30.0)
+    sink.begin()
+    sink.send(sink_records(topic, 1))
+    sink.flush(30.0)
+    monkeypatch.setattr(base, "TRANSACTION_CALL_TIMEOUT_S", 3.0)
+    for module in ("kafka_python", "confluent"):
+        monkeypatch.setattr(f"pipeline.transport.{module}.TRANSACTION_CALL_TIMEOUT_S", 3.0)
+    outage.cut()
+    outcomes: list[BaseException | None] = []
+
+    def commit_then_abort() -> None:
+        sink.send(sink_records(topic, 5))  # these never reach the broker
+        for call in (lambda: sink.commit({}, None), sink.abort):
+            try:
+                call()
+                outcomes.append(None)
+            except BaseException as exc:
+                outcomes.append(exc)
+
+    worker = threading.Thread(target=commit_then_abort, daemon=True)
+    worker.start()
+    worker.join(timeout=60.0)
+    outage.restore()
+    assert len(outcomes) == 2, "commit and abort still blocked 60 s after the broker went away"
+    expected = (TransactionTimeoutError, TransactionAbortedError)
+    assert all(o is None or isinstance(o, expected) for o in outcomes), outcomes
+    assert outcomes[0] is not None
+
+
 def test_the_changelog_reader_waits_for_an_open_transaction_and_reads_what_follows_it(harness):
     topic = harness.topic(partitions=1)
     transport = harness.transport(group())
@@ -334,6 +371,55 @@ def test_the_changelog_reader_waits_for_an_open_transaction_and_reads_what_follo
     latest, _ = transport.changelog_reader(60.0).read_latest(topic, [0], lambda n: None)
     assert latest == {b"after": (0, b"committed")}
     later.close()
+
+
+def test_poll_while_the_broker_resets_its_connections_returns_nothing_and_serves_after(harness):
+    """kafka-python 3's poll raised a reset connection out of its coordinator, and the
+    server died with a traceback (the fault campaign: broker restarts, network cuts)."""
+    outage = harness.outage()
+    topic = outage.topic()
+    member = Member(outage.transport, topic)
+    poll_until(harness, lambda: member.held == {0}, member)
+    outage.reset()
+    try:
+        for _ in range(12):
+            assert member.poll(0.25) == []
+            harness.wait(0.25)
+    finally:
+        outage.restore()
+    sink = outage.transport.sink()
+    sink.send([OutputRecord(topic, b"k", b"after", (), 0)])
+    sink.flush(30.0)
+    poll_until(harness, lambda: [r.value for r in member.records] == [b"after"], member)
+
+
+def test_a_changelog_restore_rides_out_a_broker_that_resets_its_connections_for_a_while(harness):
+    """kafka-python's reader let the client's connection error out of the rebalance
+    callback here, and the server died with a traceback (the fault campaign: a broker
+    restart during a restore, at-least-once)."""
+    if harness.name == "fake":
+        pytest.skip("the fake's changelog reader has no connections to lose")
+    outage = harness.outage()
+    topic = outage.topic()
+    sink = outage.transport.sink()
+    sink.send([OutputRecord(topic, b"k%d" % i, b"v%d" % i, (), 0) for i in range(300)])
+    sink.flush(30.0)
+    cuts: list[threading.Timer] = []
+
+    def remaining(count: int) -> None:
+        if not cuts:  # the first call: assigned, about to read
+            outage.reset()
+            cuts.append(threading.Timer(4.0, outage.restore))
+            cuts[0].start()
+
+    try:
+        latest, read = outage.transport.changelog_reader(60.0).read_latest(topic, [0], remaining)
+    finally:
+        for timer in cuts:
+            timer.join()
+        outage.restore()
+    assert (len(cuts), read) == (1, 300)
+    assert latest == {b"k%d" % i: (0, b"v%d" % i) for i in range(300)}
 
 
 def test_an_evicted_member_cannot_commit_with_what_its_client_knows_later(harness):

@@ -1,3 +1,5 @@
+import signal
+
 from pipeline import cli
 
 
@@ -14,3 +16,13 @@ def test_help_lists_the_kafka_command(capsys):
 def test_unknown_command_is_refused_with_usage(capsys):
     assert cli.main(["fly"]) == 2
     assert "unknown command 'fly'" in capsys.readouterr().err
+
+
+def test_a_stop_during_start_up_ends_the_process_at_once_with_exit_code_0(monkeypatch, capsys):
+    codes: list[int] = []
+    monkeypatch.setattr(cli.os, "_exit", codes.append)
+
+    cli._stop_before_serving(signal.SIGTERM, None)
+
+    assert codes == [0]
+    assert capsys.readouterr().err == "hiddenstate serve: SIGTERM during start-up: stopped\n"
