@@ -14,6 +14,9 @@
 Every path answers HEAD like GET, without the body. The loop reports
 through a `LoopState` (`beat()`, `set_assigned()`, `set_restoring()`); the
 server runs in a daemon thread (one more per request) and only reads it.
+
+With `--streams-api`, `/streams` and `/streams/{key}` (`pipeline.streams_api`) are
+served here too, or by an `AppServer` of their own on `--streams-api-port`.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable
 from types import TracebackType
-from typing import Any
+from typing import Any, Self
 from wsgiref.simple_server import WSGIRequestHandler, make_server
 
 from prometheus_client import CollectorRegistry, make_wsgi_app
@@ -89,21 +92,27 @@ StartResponse = Callable[..., Any]
 WsgiApp = Callable[[Environ, StartResponse], Iterable[bytes]]
 
 
-class HealthServer:
-    """Serves the registry and the loop's health on `host:port` from a daemon thread.
+class AppServer:
+    """Serves one WSGI app on `host:port` from a daemon thread (one more per request),
+    with prometheus-client's threading WSGI server.
 
-    `port=0` binds a free port (tests); `port` then says which.
+    `port=0` binds a free port (tests); `port` then says which. `setting` is the setting
+    that chose the port (named when it is taken), `what` says what is served (the log).
     """
 
     def __init__(
         self,
-        registry: CollectorRegistry,
-        state: LoopState,
-        host: str = "0.0.0.0",
-        port: int = 9108,
+        app: WsgiApp,
+        host: str,
+        port: int,
+        *,
+        setting: str,
+        what: str,
         poll_interval: float = 0.5,
     ) -> None:
-        self._app = health_app(registry, state)
+        self._app = app
+        self._setting = setting
+        self._what = what
         self._poll_interval = poll_interval  # how fast `stop` is noticed
         self._address = (host, port)
         self._server: ThreadingWSGIServer | None = None
@@ -116,7 +125,7 @@ class HealthServer:
             return self._address[1]
         return int(self._server.server_address[1])
 
-    def start(self) -> HealthServer:
+    def start(self) -> Self:
         """Bind and serve in the background; a ConfigError names the setting if the port is taken."""
         host, port = self._address
         try:
@@ -124,7 +133,7 @@ class HealthServer:
             self._server = make_server(host, port, self._app, server_class, _QuietHandler)
         except OSError as exc:
             raise ConfigError(
-                f"{who('metrics_port')}: cannot listen on "
+                f"{who(self._setting)}: cannot listen on "
                 f"{host}:{port} ({exc.strerror or exc}); choose a free port"
             ) from exc
         self._thread = threading.Thread(
@@ -134,7 +143,7 @@ class HealthServer:
             daemon=True,
         )
         self._thread.start()
-        log.info("metrics and health on http://%s:%d/ (metrics, healthz, readyz)", host, self.port)
+        log.info("%s on http://%s:%d/", self._what, host, self.port)
         return self
 
     def stop(self) -> None:
@@ -147,7 +156,7 @@ class HealthServer:
             self._thread.join(timeout=5)
             self._thread = None
 
-    def __enter__(self) -> HealthServer:
+    def __enter__(self) -> Self:
         return self.start()
 
     def __exit__(
@@ -159,9 +168,37 @@ class HealthServer:
         self.stop()
 
 
-def health_app(registry: CollectorRegistry, state: LoopState) -> WsgiApp:
-    """The WSGI app behind the port: `/metrics` to prometheus-client, the rest here."""
+class HealthServer(AppServer):
+    """Serves the registry and the loop's health on `host:port` from a daemon thread, and
+    the streams API when `streams` is given (`pipeline.streams_api`)."""
+
+    def __init__(
+        self,
+        registry: CollectorRegistry,
+        state: LoopState,
+        host: str = "0.0.0.0",
+        port: int = 9108,
+        poll_interval: float = 0.5,
+        streams: WsgiApp | None = None,
+    ) -> None:
+        paths = "metrics, healthz, readyz" + (", streams" if streams is not None else "")
+        super().__init__(
+            health_app(registry, state, streams),
+            host,
+            port,
+            setting="metrics_port",
+            what=f"metrics and health ({paths})",
+            poll_interval=poll_interval,
+        )
+
+
+def health_app(
+    registry: CollectorRegistry, state: LoopState, streams: WsgiApp | None = None
+) -> WsgiApp:
+    """The WSGI app behind the port: `/metrics` to prometheus-client, `/streams...` to
+    `streams` when given, the rest here."""
     metrics = make_wsgi_app(registry)
+    known = "/metrics, /healthz, /readyz" + (", /streams" if streams is not None else "")
 
     def app(environ: Environ, start_response: StartResponse) -> Iterable[bytes]:
         head = environ["REQUEST_METHOD"] == "HEAD"
@@ -169,6 +206,10 @@ def health_app(registry: CollectorRegistry, state: LoopState) -> WsgiApp:
             # prometheus-client answers GET only; HEAD is GET without the body.
             environ = {**environ, "REQUEST_METHOD": "GET"}
         path = environ.get("PATH_INFO", "")
+        if streams is not None and (path == "/streams" or path.startswith("/streams/")):
+            return streams(
+                environ if not head else {**environ, "REQUEST_METHOD": "HEAD"}, start_response
+            )
         if path == "/metrics":
             answered: list[tuple[str, list[tuple[str, str]]]] = []
             body = b"".join(metrics(environ, lambda *answer: answered.append(answer[:2])))
@@ -179,7 +220,7 @@ def health_app(registry: CollectorRegistry, state: LoopState) -> WsgiApp:
             body = json.dumps({"ok": ok, **detail}).encode()
             _respond(start_response, "200 OK" if ok else "503 Service Unavailable", body)
         else:
-            body = b"not found: try /metrics, /healthz, /readyz\n"
+            body = f"not found: try {known}\n".encode()
             _respond(start_response, "404 Not Found", body, "text/plain")
         # One empty write sends the headers as they are, Content-Length included.
         return [b"" if head else body]

@@ -26,7 +26,8 @@ from pipeline.delivery import Changes, CheckpointSchedule, Committer
 from pipeline.delivery.at_least_once import AtLeastOnce
 from pipeline.delivery.exactly_once import ExactlyOnce
 from pipeline.formats import open_formats
-from pipeline.health import HealthServer, LoopState
+from pipeline.health import AppServer, HealthServer, LoopState
+from pipeline.live import Live, ensure_labels_topics
 from pipeline.loop import LoopSettings, ServeLoop
 from pipeline.metrics import Metrics
 from pipeline.pause import PauseWatch
@@ -116,6 +117,8 @@ def check_topics(config: ServeConfig, changelog_topic: str) -> int:
         topics.ensure(config.topics.output_topic, partitions)
         topics.ensure(config.topics.dead_letter_topic, partitions)
         changelog.ensure_topic(topics, changelog_topic, partitions)
+        if config.online.labels_topic:
+            ensure_labels_topics(topics, config.online, partitions)
         return partitions
     finally:
         topics.close()
@@ -154,13 +157,18 @@ def run(config: ServeConfig) -> None:
         model.spec, device=model.device, provider=model.provider, fallback=model.fallback
     )
     health = LoopState(config.observability.liveness_timeout_seconds)
-    processor = make_processor(model, config, metrics, decoder=decoder, encoder=encoder)
+    live = Live(config, model.spec, metrics)  # --labels-topic, --streams-api
+    processor = make_processor(
+        model, config, metrics, decoder=decoder, encoder=live.encoder(encoder)
+    )
+    served = live.processor(processor, transport)
     reader = transport.changelog_reader(
         max(RESTORE_STALL_TIMEOUT_S, 2 * transaction_timeout_s(config))
     )
     states = changelog.Changelog(changelog_topic, model.spec, processor.store, metrics, reader)
     exactly_once = config.delivery.guarantee == "exactly-once"
 
+    @live.following
     def make_source(
         on_assigned: RebalanceCallback, on_revoked: RebalanceCallback, on_lost: RebalanceCallback
     ) -> Source:
@@ -172,13 +180,25 @@ def run(config: ServeConfig) -> None:
             read_committed=exactly_once,
         )
 
+    streams = live.streams_app(partitions, served)
+    online = config.online
     server = HealthServer(
         metrics.registry,
         health,
         config.observability.metrics_host,
         config.observability.metrics_port,
+        streams=streams if not online.streams_api_port else None,
     ).start()
     log.info("metrics and health on http://%s:%d", config.observability.metrics_host, server.port)
+    apart = None
+    if streams is not None and online.streams_api_port:
+        apart = AppServer(
+            streams,
+            online.streams_api_host or config.observability.metrics_host,
+            online.streams_api_port,
+            setting="streams_api_port",
+            what="the streams API (streams)",
+        ).start()
     pause = PauseWatch(config.kafka.session_timeout_ms / 1000 / 2).start()
     try:
         identity = member_identity(config, server.port)
@@ -190,7 +210,7 @@ def run(config: ServeConfig) -> None:
             transaction_timeout_s(config),
         )
         loop = ServeLoop(
-            loop_settings(config), processor, committer, make_source, metrics, health, states, pause
+            loop_settings(config), served, committer, make_source, metrics, health, states, pause
         )
 
         watchdog = Watchdog(
@@ -222,6 +242,9 @@ def run(config: ServeConfig) -> None:
             watchdog.close()
     finally:
         pause.stop()
+        live.close()
+        if apart is not None:
+            apart.stop()
         server.stop()
 
 

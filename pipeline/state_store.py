@@ -18,10 +18,19 @@ Eviction (LRU or idle TTL) forgets a stream: its next event starts from zeros,
 and a tombstone is queued so that the changelog forgets it too. Dropping a
 revoked partition forgets its streams without tombstones: the new owner
 restores them from the changelog. docs/state-store.md has the measured memory.
+
+Threads: the serving loop is the only writer. The streams API reads one stream
+from its HTTP thread (`view`, `streams_by_partition`), so every method that
+changes the index, the columns or the slabs holds `lock` (re-entrant), and so do
+those two readers: numpy may release the GIL in the middle of a fancy-index
+write, and a reader must never see half a row, or a slot handed to another key
+between two reads. Uncontended, the lock costs well under a microsecond per
+call, i.e. per wave.
 """
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from itertools import repeat
@@ -46,6 +55,18 @@ class Rows:
     offsets: NDArray[np.int64]
     steps: NDArray[np.int64]
     states: tuple[NDArray[np.float32], ...]  # one [len(keys), *shape] array per state tensor
+
+
+@dataclass(frozen=True)
+class StreamView:
+    """One stream as the store holds it now, copied out under the lock (the streams API)."""
+
+    key: bytes
+    partition: int
+    offset: int
+    step: int
+    last_seen: float  # wall time of the stream's last event
+    states: tuple[NDArray[np.float32], ...]
 
 
 @dataclass(frozen=True)
@@ -95,6 +116,7 @@ class StateStore:
         self._high_water = 0  # slots [0, high_water) have been handed out at least once
         self._tick = 0
         self._tombstones: dict[bytes, int] = {}  # evicted key -> its partition
+        self.lock = threading.RLock()
 
     # ------------------------------------------------------------------ size
 
@@ -146,6 +168,12 @@ class StateStore:
             raise ValueError(
                 f"{len(keys)} streams in one call, the store holds {self._max_streams}"
             )
+        with self.lock:
+            return self._acquire(keys, partitions, offsets, now)
+
+    def _acquire(
+        self, keys: Sequence[bytes], partitions: ArrayLike, offsets: ArrayLike, now: float
+    ) -> Slots:
         self._tick += 1
         index = self._index
         # map() over the dict's own methods: the per-key work stays in C.
@@ -183,10 +211,11 @@ class StateStore:
 
     def scatter(self, slots: Slots, states: Sequence[NDArray[np.float32]]) -> None:
         """Write the new states of `slots` (distinct), count one step each, mark them dirty."""
-        for slab, new in zip(self._slabs, states, strict=True):
-            slab[slots] = new
-        self._steps[slots] += 1
-        self._dirty[slots] = True
+        with self.lock:
+            for slab, new in zip(self._slabs, states, strict=True):
+                slab[slots] = new
+            self._steps[slots] += 1
+            self._dirty[slots] = True
 
     def steps(self, slots: Slots) -> NDArray[np.int64]:
         """Steps taken by each of `slots` since it started (or was reset)."""
@@ -197,17 +226,43 @@ class StateStore:
     def reset(self, key: bytes) -> bool:
         """Zero a stream's state and step count; it is dirty, so the next checkpoint
         writes the fresh state. Returns False for an unknown stream (already zeros)."""
-        slot = self._index.get(key)
-        if slot is None:
-            return False
-        self._clear(np.asarray([slot], dtype=np.int64))
-        self._dirty[slot] = True
-        return True
+        with self.lock:
+            slot = self._index.get(key)
+            if slot is None:
+                return False
+            self._clear(np.asarray([slot], dtype=np.int64))
+            self._dirty[slot] = True
+            return True
 
     def snapshot(self, key: bytes) -> Snapshot | None:
         """A copy of one stream's state, or None for an unknown stream."""
         slot = self._index.get(key)
         return None if slot is None else self._snapshot(slot)
+
+    def view(self, key: bytes) -> StreamView | None:
+        """One stream's step, source, last-seen time and states, copied consistently
+        (safe from another thread), or None for a stream the store does not hold."""
+        with self.lock:
+            slot = self._index.get(key)
+            if slot is None:
+                return None
+            return StreamView(
+                key=key,
+                partition=int(self._partition[slot]),
+                offset=int(self._offset[slot]),
+                step=int(self._steps[slot]),
+                last_seen=float(self._last_seen[slot]),
+                states=tuple(slab[slot].copy() for slab in self._slabs),
+            )
+
+    def streams_by_partition(self) -> dict[int, int]:
+        """How many streams the store holds of each source partition (safe from another
+        thread); partitions without streams are absent."""
+        with self.lock:
+            hw = self._high_water
+            held = self._partition[:hw][self._last_used[:hw] != _FREE]
+        partitions, counts = np.unique(held, return_counts=True)
+        return dict(zip(partitions.tolist(), counts.tolist(), strict=True))
 
     def restore(self, snapshot: Snapshot, now: float) -> None:
         """Put a stream back as a snapshot recorded it (from the changelog); not dirty."""
@@ -251,11 +306,12 @@ class StateStore:
         chunk = self._max_streams
         for start in range(0, len(keys), chunk):
             part = slice(start, start + chunk)
-            slots = self.acquire(keys[part], partitions[part], offsets[part], now)
-            for slab, array in zip(self._slabs, states, strict=True):
-                slab[slots] = array[part]
-            self._steps[slots] = steps[part]
-            self._dirty[slots] = False
+            with self.lock:  # per chunk: a stream is readable whole, not half restored
+                slots = self._acquire(keys[part], partitions[part], offsets[part], now)
+                for slab, array in zip(self._slabs, states, strict=True):
+                    slab[slots] = array[part]
+                self._steps[slots] = steps[part]
+                self._dirty[slots] = False
 
     def already_applied(
         self, keys: Sequence[bytes], partitions: ArrayLike, offsets: ArrayLike
@@ -280,10 +336,11 @@ class StateStore:
         """Forget streams not seen for `idle_ttl_seconds` (tombstones queued); returns how many."""
         if self._ttl <= 0:
             return 0
-        hw = self._high_water
-        idle = (self._last_used[:hw] != _FREE) & (self._last_seen[:hw] < now - self._ttl)
-        victims = np.flatnonzero(idle)
-        self._remove(victims, tombstone=True)
+        with self.lock:
+            hw = self._high_water
+            idle = (self._last_used[:hw] != _FREE) & (self._last_seen[:hw] < now - self._ttl)
+            victims = np.flatnonzero(idle)
+            self._remove(victims, tombstone=True)
         if len(victims) and self._on_evict is not None:
             self._on_evict("ttl", len(victims))
         return len(victims)
@@ -291,12 +348,13 @@ class StateStore:
     def drop_partition(self, partition: int) -> int:
         """Forget the streams read from `partition` (revoked), without tombstones: the
         changelog keeps them for the next owner. Returns how many were dropped."""
-        hw = self._high_water
-        mask = (self._last_used[:hw] != _FREE) & (self._partition[:hw] == partition)
-        victims = np.flatnonzero(mask)
-        self._remove(victims, tombstone=False)
-        self._tombstones = {k: p for k, p in self._tombstones.items() if p != partition}
-        return len(victims)
+        with self.lock:
+            hw = self._high_water
+            mask = (self._last_used[:hw] != _FREE) & (self._partition[:hw] == partition)
+            victims = np.flatnonzero(mask)
+            self._remove(victims, tombstone=False)
+            self._tombstones = {k: p for k, p in self._tombstones.items() if p != partition}
+            return len(victims)
 
     def drain_dirty_rows(self) -> Rows:
         """The streams changed since the last drain, as columns; they are clean afterwards."""
