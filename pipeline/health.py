@@ -15,8 +15,8 @@ Every path answers HEAD like GET, without the body. The loop reports
 through a `LoopState` (`beat()`, `set_assigned()`, `set_restoring()`); the
 server runs in a daemon thread (one more per request) and only reads it.
 
-With `--streams-api`, `/streams` and `/streams/{key}` (`pipeline.streams_api`) are
-served here too, or by an `AppServer` of their own on `--streams-api-port`.
+With `--streams-api` on the metrics port, `/streams` and `/streams/{key}` are passed to
+the streams API's app (`pipeline.streams_api`, the `streams` argument).
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable
 from types import TracebackType
-from typing import Any, Self
+from typing import Any
 from wsgiref.simple_server import WSGIRequestHandler, make_server
 
 from prometheus_client import CollectorRegistry, make_wsgi_app
@@ -92,27 +92,22 @@ StartResponse = Callable[..., Any]
 WsgiApp = Callable[[Environ, StartResponse], Iterable[bytes]]
 
 
-class AppServer:
-    """Serves one WSGI app on `host:port` from a daemon thread (one more per request),
-    with prometheus-client's threading WSGI server.
+class HealthServer:
+    """Serves the registry and the loop's health on `host:port` from a daemon thread.
 
-    `port=0` binds a free port (tests); `port` then says which. `setting` is the setting
-    that chose the port (named when it is taken), `what` says what is served (the log).
+    `port=0` binds a free port (tests); `port` then says which.
     """
 
     def __init__(
         self,
-        app: WsgiApp,
-        host: str,
-        port: int,
-        *,
-        setting: str,
-        what: str,
+        registry: CollectorRegistry,
+        state: LoopState,
+        host: str = "0.0.0.0",
+        port: int = 9108,
         poll_interval: float = 0.5,
+        streams: WsgiApp | None = None,
     ) -> None:
-        self._app = app
-        self._setting = setting
-        self._what = what
+        self._app = health_app(registry, state, streams)
         self._poll_interval = poll_interval  # how fast `stop` is noticed
         self._address = (host, port)
         self._server: ThreadingWSGIServer | None = None
@@ -125,7 +120,7 @@ class AppServer:
             return self._address[1]
         return int(self._server.server_address[1])
 
-    def start(self) -> Self:
+    def start(self) -> HealthServer:
         """Bind and serve in the background; a ConfigError names the setting if the port is taken."""
         host, port = self._address
         try:
@@ -133,7 +128,7 @@ class AppServer:
             self._server = make_server(host, port, self._app, server_class, _QuietHandler)
         except OSError as exc:
             raise ConfigError(
-                f"{who(self._setting)}: cannot listen on "
+                f"{who('metrics_port')}: cannot listen on "
                 f"{host}:{port} ({exc.strerror or exc}); choose a free port"
             ) from exc
         self._thread = threading.Thread(
@@ -143,7 +138,7 @@ class AppServer:
             daemon=True,
         )
         self._thread.start()
-        log.info("%s on http://%s:%d/", self._what, host, self.port)
+        log.info("metrics and health on http://%s:%d/ (metrics, healthz, readyz)", host, self.port)
         return self
 
     def stop(self) -> None:
@@ -156,7 +151,7 @@ class AppServer:
             self._thread.join(timeout=5)
             self._thread = None
 
-    def __enter__(self) -> Self:
+    def __enter__(self) -> HealthServer:
         return self.start()
 
     def __exit__(
@@ -166,30 +161,6 @@ class AppServer:
         traceback: TracebackType | None,
     ) -> None:
         self.stop()
-
-
-class HealthServer(AppServer):
-    """Serves the registry and the loop's health on `host:port` from a daemon thread, and
-    the streams API when `streams` is given (`pipeline.streams_api`)."""
-
-    def __init__(
-        self,
-        registry: CollectorRegistry,
-        state: LoopState,
-        host: str = "0.0.0.0",
-        port: int = 9108,
-        poll_interval: float = 0.5,
-        streams: WsgiApp | None = None,
-    ) -> None:
-        paths = "metrics, healthz, readyz" + (", streams" if streams is not None else "")
-        super().__init__(
-            health_app(registry, state, streams),
-            host,
-            port,
-            setting="metrics_port",
-            what=f"metrics and health ({paths})",
-            poll_interval=poll_interval,
-        )
 
 
 def health_app(
@@ -208,7 +179,7 @@ def health_app(
         path = environ.get("PATH_INFO", "")
         if streams is not None and (path == "/streams" or path.startswith("/streams/")):
             return streams(
-                environ if not head else {**environ, "REQUEST_METHOD": "HEAD"}, start_response
+                {**environ, "REQUEST_METHOD": "HEAD"} if head else environ, start_response
             )
         if path == "/metrics":
             answered: list[tuple[str, list[tuple[str, str]]]] = []

@@ -30,6 +30,7 @@ import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from itertools import repeat
+from operator import itemgetter
 from typing import TypeVar
 
 import numpy as np
@@ -43,6 +44,8 @@ from pipeline.records import OutputRecord
 _EMPTY = -2  # last step of a row that holds no run: no step follows it
 _FREE = np.iinfo(np.int64).max  # last use of a free row: never the least recent
 _Item = TypeVar("_Item", bound=np.generic)
+_KEY, _EVENT_TIME, _RECORD = itemgetter(0), itemgetter(2), itemgetter(4)  # Event's fields
+_PARTITION, _OFFSET = itemgetter(1), itemgetter(2)  # InputRecord's fields
 
 
 @dataclass(frozen=True)
@@ -154,17 +157,24 @@ class PredictionRing:
         count = len(events)
         if not count:
             return
-        values = np.concatenate(
-            [
-                np.asarray(outputs[name], np.float32).reshape(count, size)
-                for name, _, size in self._outputs
-            ],
-            axis=1,
-        )
-        keys = [e.key for e in events]
-        partitions = [e.record.partition for e in events]
-        offsets = [e.record.offset for e in events]
-        times = [e.event_time_ms for e in events]
+        if len(self._outputs) == 1:
+            name, _, size = self._outputs[0]
+            values = np.asarray(outputs[name], np.float32).reshape(count, size)
+        else:
+            values = np.concatenate(
+                [
+                    np.asarray(outputs[name], np.float32).reshape(count, size)
+                    for name, _, size in self._outputs
+                ],
+                axis=1,
+            )
+        # map() over item getters keeps the per-event work in C (a comprehension per
+        # column cost twice as much); an Event's record is its last field.
+        keys = list(map(_KEY, events))
+        records = list(map(_RECORD, events))
+        partitions = np.fromiter(map(_PARTITION, records), np.int32, count)
+        offsets = np.fromiter(map(_OFFSET, records), np.int64, count)
+        times = np.fromiter(map(_EVENT_TIME, events), np.int64, count)
         steps = np.asarray(steps, dtype=np.int64)
         with self.lock:
             rows = self._rows(keys)
@@ -172,9 +182,13 @@ class PredictionRing:
             if restart.any():
                 self._first[rows[restart]] = steps[restart]
             self._last[rows] = steps
-            positions = steps % self.horizon
-            self._values[rows, positions] = values
-            self._offsets[rows, positions] = offsets
+            if self.horizon == 1:
+                self._values[rows, 0] = values
+                self._offsets[rows, 0] = offsets
+            else:
+                positions = steps % self.horizon
+                self._values[rows, positions] = values
+                self._offsets[rows, positions] = offsets
             self._partition[rows] = partitions
             self._event_time[rows] = times
             self._updated[rows] = now

@@ -26,13 +26,15 @@ from pipeline.delivery import Changes, CheckpointSchedule, Committer
 from pipeline.delivery.at_least_once import AtLeastOnce
 from pipeline.delivery.exactly_once import ExactlyOnce
 from pipeline.formats import open_formats
-from pipeline.health import AppServer, HealthServer, LoopState
+from pipeline.health import HealthServer, LoopState
 from pipeline.live import Live, ensure_labels_topics
 from pipeline.loop import LoopSettings, ServeLoop
 from pipeline.metrics import Metrics
 from pipeline.pause import PauseWatch
 from pipeline.processor import make_processor
 from pipeline.runtime import OrtStepModel
+from pipeline.streams_api import HEADERS
+from pipeline.streams_server import StreamsServer
 from pipeline.transport import (
     RebalanceCallback,
     Source,
@@ -192,13 +194,8 @@ def run(config: ServeConfig) -> None:
     log.info("metrics and health on http://%s:%d", config.observability.metrics_host, server.port)
     apart = None
     if streams is not None and online.streams_api_port:
-        apart = AppServer(
-            streams,
-            online.streams_api_host or config.observability.metrics_host,
-            online.streams_api_port,
-            setting="streams_api_port",
-            what="the streams API (streams)",
-        ).start()
+        host = online.streams_api_host or config.observability.metrics_host
+        apart = StreamsServer(streams, host, online.streams_api_port, headers=HEADERS).start()
     pause = PauseWatch(config.kafka.session_timeout_ms / 1000 / 2).start()
     try:
         identity = member_identity(config, server.port)

@@ -15,11 +15,19 @@ import pytest
 from kafka.partitioner.default import murmur2 as kafka_python_murmur2
 
 from pipeline.codec import PredictionEncoder
-from pipeline.health import AppServer, HealthServer, LoopState
+from pipeline.health import HealthServer, LoopState
 from pipeline.model_spec import StateSpec
 from pipeline.ring import PredictionRing, RecordingEncoder
 from pipeline.state_store import Snapshot, StateStore
-from pipeline.streams_api import StreamsApi, murmur2, partition_for
+from pipeline.streams_api import (
+    HEADERS,
+    StreamsApi,
+    murmur2,
+    partition_for,
+    stdlib_array,
+    stdlib_dumps,
+)
+from pipeline.streams_server import StreamsServer
 from pipeline.testing import NumpyStepModel, event_record, prediction_values, random_weights
 
 WEIGHTS = random_weights("gru", n_features=3, hidden=4, n_outputs=3, task="classification")
@@ -194,6 +202,13 @@ def test_only_get_and_head_are_served(served, port):
     assert get(port, "/streams/u1", method="HEAD") == (200, {})
 
 
+def test_without_orjson_arrays_are_nine_digit_numbers_that_read_back_exactly():
+    values = np.array([[0.1, 1 / 3], [-2.5e-8, 7.0]], np.float32)
+    written = json.loads(stdlib_dumps({"v": stdlib_array(values)}))["v"]
+    assert np.float32(written).tolist() == values.tolist()
+    assert stdlib_array(np.float32(0.25).reshape(())) == 0.25
+
+
 # -- all streams ----------------------------------------------------------------------------
 
 
@@ -231,11 +246,9 @@ def test_the_metrics_port_does_not_answer_streams_when_the_api_is_off(metrics):
 
 def test_the_api_on_a_port_of_its_own_answers_streams(served):
     served.serve("u1", partition=0)
-    with AppServer(
-        served.api, "127.0.0.1", 0, setting="streams_api_port", what="streams", poll_interval=0.01
-    ) as server:
-        status, body = get(server.port, "/streams/u1")
-    assert (status, body["step"]) == (200, 1)
+    with StreamsServer(served.api, "127.0.0.1", 0, headers=HEADERS) as server:
+        status, body = get(server.port, "/streams/u1?state=1")
+    assert (status, body["step"], np.asarray(body["state"]["h"]).shape) == (200, 1, (1, 4))
 
 
 # -- reads beside the serving loop ------------------------------------------------------------
