@@ -17,7 +17,7 @@ KUSTOMIZE_VERSION ?= v5.8.0
 KUBECONFORM_VERSION ?= v0.8.0
 KUBE_SCORE_VERSION ?= v1.20.0
 
-.PHONY: demo setup tools test lint unit integration wheel bench kafka-start kafka-stop registry-start registry-stop lock clean
+.PHONY: demo setup tools test lint unit integration faults chaos wheel bench kafka-start kafka-stop registry-start registry-stop lock clean
 
 # The main job end to end: needs the environment only, not the deployment tools.
 demo: $(STAMP)
@@ -88,6 +88,17 @@ integration: setup
 	$(BIN)/python -m pytest tests/integration --transport confluent || status=1
 	exit $$status
 
+# The bounded fault campaign (tests/chaos, a few minutes): a kill loop, a pause past the
+# session timeout and a broker restart under each guarantee, on a broker of its own.
+faults: setup
+	$(BIN)/python -m pytest tests/chaos
+
+# The full fault campaign: every scenario (kill -9, SIGSTOP, 1 -> 3 -> 1 replicas, broker
+# restarts, network cuts) x guarantee x transport, 200 faults, about 40 minutes. Writes
+# artifacts/chaos/campaign.json and campaign.md (the table in docs/durability.md).
+chaos: setup
+	$(BIN)/python -m tests.chaos.campaign --full --out artifacts/chaos
+
 # The wheel, built and installed into a fresh virtual environment outside the checkout,
 # starts the local broker, serves and stops it from there (tests/wheel).
 wheel: setup
@@ -140,6 +151,7 @@ test: setup
 	$(MAKE) --no-print-directory unit || status=1
 	$(MAKE) --no-print-directory integration || status=1
 	$(MAKE) --no-print-directory wheel || status=1
+	$(MAKE) --no-print-directory faults || status=1
 	exit $$status
 
 # Re-resolve the newest allowed versions and write them to the lock.

@@ -44,6 +44,10 @@ class LocalKafka:
     port: int = 9092
     controller_port: int = 9093
     heap: str = "512m"
+    # A second listener for clients that must reach the broker through something in
+    # between (the fault campaign's loopback proxy, tests/chaos): it listens on the
+    # first port and tells clients to connect to the second, where the proxy is.
+    proxied: tuple[int, int] | None = None
 
     @property
     def bootstrap(self) -> str:
@@ -213,6 +217,15 @@ def _fetch_jars(kafka: LocalKafka) -> None:
 
 
 def _write_properties(kafka: LocalKafka) -> None:
+    listeners = [f"PLAINTEXT://127.0.0.1:{kafka.port}"]
+    advertised = [f"PLAINTEXT://127.0.0.1:{kafka.port}"]
+    protocols = ["PLAINTEXT:PLAINTEXT", "CONTROLLER:PLAINTEXT"]
+    if kafka.proxied is not None:
+        listen, through = kafka.proxied
+        listeners.append(f"PROXIED://127.0.0.1:{listen}")
+        advertised.append(f"PROXIED://127.0.0.1:{through}")
+        protocols.append("PROXIED:PLAINTEXT")
+    listeners.append(f"CONTROLLER://127.0.0.1:{kafka.controller_port}")
     kafka.properties.write_text(
         "\n".join(
             [
@@ -220,11 +233,11 @@ def _write_properties(kafka: LocalKafka) -> None:
                 "process.roles=broker,controller",
                 "node.id=1",
                 f"controller.quorum.bootstrap.servers=127.0.0.1:{kafka.controller_port}",
-                f"listeners=PLAINTEXT://127.0.0.1:{kafka.port},"
-                f"CONTROLLER://127.0.0.1:{kafka.controller_port}",
-                f"advertised.listeners=PLAINTEXT://127.0.0.1:{kafka.port}",
+                f"listeners={','.join(listeners)}",
+                f"advertised.listeners={','.join(advertised)}",
                 "controller.listener.names=CONTROLLER",
-                "listener.security.protocol.map=PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT",
+                "inter.broker.listener.name=PLAINTEXT",
+                f"listener.security.protocol.map={','.join(protocols)}",
                 f"log.dirs={kafka.data}",
                 "num.partitions=1",
                 # One node: internal topics cannot have more replicas than brokers,

@@ -1,0 +1,124 @@
+"""The recording producer: librdkafka sends the events, and every one it reports delivered is
+kept with its partition and offset. What the checker holds the server to is this record."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+from confluent_kafka import KafkaError, Message, Producer
+
+FEATURES = 3
+
+
+@dataclass(frozen=True)
+class Delivered:
+    """One event the broker acknowledged."""
+
+    key: bytes
+    index: int  # position in its stream among the valid events (-1: a bad event)
+    partition: int
+    offset: int
+    x: tuple[float, ...]
+
+
+def features(stream: int, index: int, seed: int) -> tuple[float, ...]:
+    """The features of event `index` of stream `stream`: reproducible from the seed alone."""
+    rng = np.random.default_rng((seed, stream, index))
+    return tuple(float(v) for v in rng.normal(size=FEATURES).round(4))
+
+
+@dataclass
+class RecordingProducer:
+    """Sends `streams` streams round robin at `rate` events/s from a thread; one in
+    `bad_every` sends is not JSON (it must reach the dead-letter topic)."""
+
+    bootstrap: str
+    topic: str
+    streams: int
+    rate: float
+    seed: int = 0
+    bad_every: int = 97
+    delivered: list[Delivered] = field(default_factory=list)
+    failed: int = 0
+
+    def __post_init__(self) -> None:
+        self._producer = Producer(
+            {
+                "bootstrap.servers": self.bootstrap,
+                "enable.idempotence": True,  # retries never reorder nor repeat a stream's events
+                "linger.ms": 5,
+                "message.timeout.ms": 300_000,  # outlast any broker restart of the campaign
+            }
+        )
+        self._next = [0] * self.streams
+        self._sent = 0
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> RecordingProducer:
+        self._thread = threading.Thread(target=self._run, name="chaos-producer", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        """Stop sending and wait for every outstanding delivery report."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        self.flush()
+
+    def flush(self) -> None:
+        left = self._producer.flush(300)
+        if left:
+            raise RuntimeError(f"{left} events never acknowledged by the broker")
+
+    def send_round(self) -> None:
+        """One more event of every stream, now (the final restart's round)."""
+        for stream in range(self.streams):
+            self._send(stream, bad=False)
+        self.flush()
+
+    def _run(self) -> None:
+        started = time.monotonic()
+        stream = 0
+        while not self._stop.is_set():
+            due = started + self._sent / self.rate - time.monotonic()
+            if due > 0:
+                time.sleep(min(due, 0.05))
+                continue
+            self._send(stream, bad=self._sent % self.bad_every == self.bad_every - 1)
+            stream = (stream + 1) % self.streams
+            self._producer.poll(0)
+
+    def _send(self, stream: int, bad: bool) -> None:
+        key = f"s{stream}".encode()
+        if bad:
+            index, x, value = -1, (), b"{not json"
+        else:
+            index = self._next[stream]
+            self._next[stream] += 1
+            x = features(stream, index, self.seed)
+            value = json.dumps({"x": list(x)}).encode()
+
+        def report(error: KafkaError | None, message: Message) -> None:
+            with self._lock:
+                if error is not None:
+                    self.failed += 1
+                    return
+                offset, partition = message.offset(), message.partition()
+                assert offset is not None
+                assert partition is not None
+                self.delivered.append(Delivered(key, index, partition, offset, x))
+
+        while True:
+            try:
+                self._producer.produce(self.topic, value, key, on_delivery=report)
+                break
+            except BufferError:
+                self._producer.poll(0.1)
+        self._sent += 1
