@@ -25,18 +25,28 @@ CPU per event. The variants:
 Runs are interleaved (off, on, polled, off, ...) so drift on the shared machine hits
 every variant alike; medians are reported, and everything is written to `--out`.
 
-`--core` measures the same three variants without Kafka, the serving core alone in one
-thread as the loop runs it (`Processor.process` on polls of `--poll` JSON events over
-`--streams` streams, bench/measure_core.py's shape and model), for rounds of
-`--round-seconds` each, interleaved, `--rounds` per variant: what is left is the GIL the
-HTTP server's thread takes from the loop, which a broker on the same cores would
-otherwise blur.
+`--request-cost` measures the CPU the serving process spends per request (every thread;
+nothing else runs in it), `--requests` of them per run, `--runs` runs, for the metrics
+port's server and for the API's own: the figure that says what a polling client costs
+a replica whatever else shares the machine.
+
+`--core` measures without Kafka: the serving core alone in one thread as the loop runs
+it (`Processor.process` on polls of `--poll` JSON events over `--streams` streams,
+bench/measure_core.py's shape and model, the streams API on), in `--pairs` pairs of
+`--phase-seconds` phases: the client (another process) asks during the first phase of
+each pair and waits during the second. The ratio of events served in the two phases of
+a pair, whose median is reported, cancels what a busy shared machine does over
+seconds; what is left is the GIL and the CPU the HTTP server's thread takes from the
+loop. Once on the metrics port (a new connection per request, as `curl`) and once on the
+API's own port (the connection kept, as a router). `--pin 0,1` puts the core on CPU 0
+and the client on CPU 1, as a client in another pod would be.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -165,8 +175,39 @@ def capacity(
     return row | asked
 
 
+# The paired client of --core: from T0 on, it asks RATE times a second during the even
+# phases of PHASE seconds and waits during the odd ones, for PAIRS pairs.
+_PAIRED_CLIENT = """
+import http.client, json, sys, time, urllib.parse, urllib.request
+url, rate, t0, phase, pairs, keep = sys.argv[1], float(sys.argv[2]), float(sys.argv[3]), float(sys.argv[4]), int(sys.argv[5]), sys.argv[6]
+parts = urllib.parse.urlsplit(url)
+connection = http.client.HTTPConnection(parts.hostname, parts.port, timeout=5)
+times, failures = [], 0
+time.sleep(max(0.0, t0 - time.time()))
+due = time.time()
+while time.time() < t0 + 2 * pairs * phase:
+    if int((time.time() - t0) // phase) % 2 == 0:
+        started = time.perf_counter()
+        try:
+            if keep == "keep":
+                connection.request("GET", parts.path + "?" + parts.query)
+                connection.getresponse().read()
+            else:
+                with urllib.request.urlopen(url, timeout=5) as response:
+                    response.read()
+        except OSError:
+            failures += 1
+            connection.close()
+        times.append(time.perf_counter() - started)
+    due += 1.0 / rate
+    time.sleep(max(0.0, due - time.time()))
+print(json.dumps({"times": times, "failures": failures}))
+"""
+
+
 def core(args: argparse.Namespace) -> dict[str, object]:
-    """The serving core's events per second beside the streams API (see the module doc)."""
+    """The serving core's events per second with and without a client, in paired phases
+    (see the module doc)."""
     import tempfile
 
     import numpy as np
@@ -185,108 +226,208 @@ def core(args: argparse.Namespace) -> dict[str, object]:
     from pipeline.streams_server import StreamsServer
     from pipeline.testing import random_weights, write_onnx_step
 
+    server_cpu, client_cpu = args.pin if args.pin else (None, None)
+    if server_cpu is not None:
+        os.sched_setaffinity(0, {server_cpu})  # the loop and the HTTP thread share one core
     weights = random_weights("gru", n_features=8, hidden=64, layers=1, n_outputs=8, name="core")
     with tempfile.TemporaryDirectory() as tmp:
         model = OrtStepModel(write_onnx_step(weights, Path(tmp) / "core.onnx"))
     spec = model.spec
     rng = np.random.default_rng(0)
-    rows = [
-        json.dumps(r, separators=(",", ":")) for r in rng.normal(size=(4096, 8)).round(4).tolist()
+    values = [
+        f'{{"x":{json.dumps(r, separators=(",", ":"))},"ts":1764000000000}}'.encode()
+        for r in rng.normal(size=(4096, 8)).round(4).tolist()
     ]
-    polls = 1200
-    batches = [
-        [
+    keys = [stream_key(i) for i in range(args.streams)]
+    store = StateStore(spec.states, max_streams=max(args.streams, 1024))
+    ring = PredictionRing(spec, 1, max(args.streams, 1024))
+    processor = Processor(
+        model,
+        store,
+        topics=TopicsConfig(input_topic="events", output_topic="predictions"),
+        processing=ProcessingConfig(max_wave_size=256),
+        encoder=RecordingEncoder(PredictionEncoder(spec, "predictions"), ring, time.time),
+    )
+    api = StreamsApi(spec, store, ring, "events", PARTITIONS, lambda: frozenset(range(PARTITIONS)))
+    offset = 0
+
+    def serve_one_poll() -> int:
+        # Records are made here, as a source makes them; offsets keep growing so that
+        # the replay guard never skips one.
+        nonlocal offset
+        base = offset
+        offset += args.poll
+        batch = [
             InputRecord(
                 "events",
                 i % PARTITIONS,
                 i // PARTITIONS,
-                stream_key(i % args.streams),
-                f'{{"x":{rows[i % 4096]},"ts":{1_764_000_000_000 + i}}}'.encode(),
+                keys[i % args.streams],
+                values[i % 4096],
                 0,
             )
-            for i in range(b * args.poll, (b + 1) * args.poll)
+            for i in range(base, base + args.poll)
         ]
-        for b in range(polls)
-    ]
-    current: dict[str, StreamsApi] = {}
+        processor.process(batch)
+        return len(batch)
 
-    class Current:
-        """The API of the round's store, for both servers."""
-
-        def __call__(self, environ, start_response):  # type: ignore[no-untyped-def]
-            return current["api"](environ, start_response)
-
-        def answer(self, method: str, path: bytes, query: str) -> tuple[str, bytes]:
-            return current["api"].answer(method, path, query)
-
-    server = HealthServer(
-        Metrics(CollectorRegistry()).registry, LoopState(), "127.0.0.1", 0, streams=Current()
+    metrics_port = HealthServer(
+        Metrics(CollectorRegistry()).registry, LoopState(), "127.0.0.1", 0, streams=api
     ).start()
-    apart = StreamsServer(Current(), "127.0.0.1", 0, headers=HEADERS).start()
+    apart = StreamsServer(api, "127.0.0.1", 0, headers=HEADERS).start()
     key = stream_key(0).decode()
-    urls = {
-        "polled": f"http://127.0.0.1:{server.port}/streams/{key}?state=1",
-        "apart": f"http://127.0.0.1:{apart.port}/streams/{key}?state=1",
+    servers = {
+        "metrics port, a new connection each": (metrics_port.port, "new"),
+        "own port, kept alive": (apart.port, "keep"),
     }
-    runs: dict[str, list[dict[str, float]]] = {variant: [] for variant in VARIANTS}
+    results: dict[str, object] = {}
     try:
-        for round_ in range(args.rounds):
-            for variant in VARIANTS:
-                store = StateStore(spec.states, max_streams=max(args.streams, 1024))
-                encoder = PredictionEncoder(spec, "predictions")
-                ring = PredictionRing(spec, 1, max(args.streams, 1024))
-                if variant != "off":
-                    encoder = RecordingEncoder(encoder, ring, time.time)
-                processor = Processor(
-                    model,
-                    store,
-                    topics=TopicsConfig(input_topic="events", output_topic="predictions"),
-                    processing=ProcessingConfig(max_wave_size=256),
-                    encoder=encoder,
-                )
-                current["api"] = StreamsApi(
-                    spec, store, ring, "events", PARTITIONS, lambda: frozenset(range(PARTITIONS))
-                )
-                for batch in batches[:2]:  # hot code paths, and the polled stream exists
-                    processor.process(batch)
-                poller = (
-                    Poller(urls[variant], args.round_seconds + 1, keep=variant == "apart")
-                    if variant in urls
-                    else None
-                )
-                time.sleep(0.5 if poller else 0.0)  # the client's start is not measured
-                events, started = 0, time.perf_counter()
-                for batch in batches[2:]:
-                    processor.process(batch)
-                    events += len(batch)
-                    if time.perf_counter() - started >= args.round_seconds:
-                        break
-                else:
-                    raise RuntimeError("the polls ran out before the round ended: raise polls")
-                row = {"events_per_second": events / (time.perf_counter() - started)}
-                if poller is not None:
-                    row |= poller.result()
-                runs[variant].append(row)
-                print(
-                    f"round {round_ + 1} {variant:<6} {row['events_per_second']:>9,.0f} events/s"
-                    + (
-                        f"  {row['requests_per_second']:.0f} requests/s, p50 "
-                        f"{row['request_p50_ms']:.1f} ms, p99 {row['request_p99_ms']:.1f} ms"
-                        if poller is not None
-                        else ""
-                    ),
-                    flush=True,
-                )
+        for _ in range(20):  # hot code paths, and every stream exists
+            serve_one_poll()
+        for name, (port, keep) in servers.items():
+            url = f"http://127.0.0.1:{port}/streams/{key}?state=1"
+            t0 = time.time() + 1.0
+            client = subprocess.Popen(
+                [
+                    sys.executable, "-c", _PAIRED_CLIENT, url, str(RATE), str(t0),
+                    str(args.phase_seconds), str(args.pairs), keep,
+                ],
+                stdout=subprocess.PIPE,
+                text=True,
+                preexec_fn=None
+                if client_cpu is None
+                else (lambda: os.sched_setaffinity(0, {client_cpu})),
+            )  # fmt: skip
+            marks: list[tuple[float, int]] = []
+            served = 0
+            while time.time() < t0:
+                serve_one_poll()
+            end = t0 + 2 * args.pairs * args.phase_seconds
+            while (now := time.time()) < end:
+                served += serve_one_poll()
+                marks.append((now, served))
+            answers = json.loads(client.communicate(timeout=30)[0])
+            times = np.array([t for t, _ in marks])
+            counts = np.array([c for _, c in marks])
+            edges = t0 + args.phase_seconds * np.arange(2 * args.pairs + 1)
+            at = np.interp(edges, times, counts)
+            per_phase = np.diff(at) / args.phase_seconds
+            ratios = per_phase[0::2] / per_phase[1::2]
+            ordered = sorted(answers["times"])
+            results[name] = {
+                "events_per_second_quiet_median": float(np.median(per_phase[1::2])),
+                "events_per_second_polled_median": float(np.median(per_phase[0::2])),
+                "polled_over_quiet_median": float(np.median(ratios)),
+                "polled_over_quiet_pairs": [round(float(r), 3) for r in ratios],
+                "requests_per_second": len(ordered) / (args.pairs * args.phase_seconds),
+                "request_p50_ms": 1e3 * ordered[len(ordered) // 2],
+                "request_p99_ms": 1e3 * ordered[int(len(ordered) * 0.99)],
+                "request_failures": answers["failures"],
+            }
+            row = results[name]
+            print(
+                f"{name}: {row['events_per_second_quiet_median']:,.0f} events/s quiet, "
+                f"{row['events_per_second_polled_median']:,.0f} polled; polled/quiet "
+                f"{row['polled_over_quiet_median']:.3f} (median of {args.pairs} pairs); "
+                f"{row['requests_per_second']:.0f} requests/s, p50 {row['request_p50_ms']:.1f} ms, "
+                f"p99 {row['request_p99_ms']:.1f} ms",
+                flush=True,
+            )
     finally:
-        server.stop()
+        metrics_port.stop()
         apart.stop()
     return {
-        "benchmark": "the serving core (no Kafka) with the streams API off, on, and polled",
+        "benchmark": "the serving core (no Kafka) with a client polling one stream, paired phases",
         "poll": args.poll,
         "streams": args.streams,
-        "round_seconds": args.round_seconds,
-        "runs": runs,
+        "phase_seconds": args.phase_seconds,
+        "pairs": args.pairs,
+        "servers": results,
     }
+
+
+_COUNTED_CLIENT = """
+import http.client, sys, urllib.parse, urllib.request
+url, count, keep = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+parts = urllib.parse.urlsplit(url)
+connection = http.client.HTTPConnection(parts.hostname, parts.port, timeout=5)
+for _ in range(count):
+    if keep == "keep":
+        connection.request("GET", parts.path + "?" + parts.query)
+        connection.getresponse().read()
+    else:
+        with urllib.request.urlopen(url, timeout=5) as response:
+            response.read()
+"""
+
+
+def request_cost(args: argparse.Namespace) -> dict[str, object]:
+    """CPU seconds the serving process spends per request (all its threads; the loop
+    idle), for each server and connection style: what a polling client takes from a
+    replica, whatever else the machine does."""
+    import resource
+
+    import numpy as np
+    from prometheus_client import CollectorRegistry
+
+    from pipeline.codec import Event
+    from pipeline.health import HealthServer, LoopState
+    from pipeline.metrics import Metrics
+    from pipeline.ring import PredictionRing
+    from pipeline.state_store import StateStore
+    from pipeline.streams_api import HEADERS, StreamsApi
+    from pipeline.streams_server import StreamsServer
+    from pipeline.testing import event_record, random_weights
+
+    spec = random_weights("gru", n_features=8, hidden=64, n_outputs=8, name="core").spec
+    store = StateStore(spec.states, max_streams=16)
+    ring = PredictionRing(spec, 1, 16)
+    key = stream_key(0)
+    slots = store.acquire([key], [0], [5], time.time())
+    store.scatter(slots, [np.random.rand(1, *s.shape).astype(np.float32) for s in spec.states])
+    record = event_record(key, {"x": [0.0] * 8}, offset=5)
+    ring.record(
+        [Event(key, [0.0] * 8, 1, False, record)],
+        {"y": np.random.rand(1, 8).astype(np.float32)},
+        np.array([1]),
+        time.time(),
+    )
+    api = StreamsApi(spec, store, ring, "events", PARTITIONS, lambda: frozenset(range(PARTITIONS)))
+    metrics_port = HealthServer(
+        Metrics(CollectorRegistry()).registry, LoopState(), "127.0.0.1", 0, streams=api
+    ).start()
+    apart = StreamsServer(api, "127.0.0.1", 0, headers=HEADERS).start()
+    path = f"/streams/{key.decode()}?state=1"
+    cases = {
+        "metrics port, a new connection each": (metrics_port.port, "new"),
+        "own port, a new connection each": (apart.port, "new"),
+        "own port, kept alive": (apart.port, "keep"),
+    }
+    results: dict[str, object] = {}
+    try:
+        for name, (port, keep) in cases.items():
+            url = f"http://127.0.0.1:{port}{path}"
+            runs = []
+            for _ in range(args.runs):
+                before = resource.getrusage(resource.RUSAGE_SELF)
+                subprocess.run(
+                    [sys.executable, "-c", _COUNTED_CLIENT, url, str(args.requests), keep],
+                    check=True,
+                )
+                after = resource.getrusage(resource.RUSAGE_SELF)
+                cpu = after.ru_utime - before.ru_utime + after.ru_stime - before.ru_stime
+                runs.append(cpu / args.requests * 1e6)
+            results[name] = {"cpu_us_per_request_median": statistics.median(runs), "runs": runs}
+            share = statistics.median(runs) * RATE / 1e4
+            print(
+                f"{name}: {statistics.median(runs):.0f} us of CPU per request "
+                f"(median of {args.runs}); at {RATE:.0f} a second {share:.1f}% of a core",
+                flush=True,
+            )
+    finally:
+        metrics_port.stop()
+        apart.stop()
+    return {"benchmark": "CPU per streams API request", "requests": args.requests, "cases": results}
 
 
 def main() -> int:
@@ -302,10 +443,30 @@ def main() -> int:
     parser.add_argument("--model-dir", type=Path, default=REPO / "artifacts/bench/model")
     parser.add_argument("--out", type=Path, default=REPO / "artifacts/bench/streams_api.json")
     parser.add_argument("--core", action="store_true", help="the serving core alone, no Kafka")
-    parser.add_argument("--rounds", type=int, default=8, help="--core: rounds per variant")
-    parser.add_argument("--round-seconds", type=float, default=3.0, help="--core: each round")
+    parser.add_argument("--pairs", type=int, default=30, help="--core: pairs of phases")
+    parser.add_argument("--phase-seconds", type=float, default=0.5, help="--core: each phase")
+    parser.add_argument(
+        "--pin",
+        type=lambda text: tuple(int(c) for c in text.split(",")),
+        help="--core: SERVER_CPU,CLIENT_CPU: the core on one CPU, the client on another "
+        "(on a shared machine the client's own CPU would otherwise count against the loop)",
+    )
     parser.add_argument("--poll", type=int, default=500, help="--core: events per poll")
+    parser.add_argument(
+        "--request-cost", action="store_true", help="CPU per request of each server, no Kafka"
+    )
+    parser.add_argument("--requests", type=int, default=2000, help="--request-cost: per run")
     args = parser.parse_args()
+    if args.request_cost:
+        results = request_cost(args)
+        results |= {
+            "date": datetime.now(UTC).isoformat(timespec="seconds"),
+            "environment": environment(args),
+        }
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(results, indent=2) + "\n")
+        print(f"\n-> {args.out}")
+        return 0
     if args.core:
         results = core(args)
         results |= {
@@ -313,7 +474,9 @@ def main() -> int:
             "environment": environment(args),
             "request_rate": RATE,
         }
-        print_summary(results, args)
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(results, indent=2) + "\n")
+        print(f"\n-> {args.out}")
         return 0
     args.serve_args = []
     build(args.model_dir)

@@ -14,7 +14,8 @@ percent-encoded), HTTP/1.0 and 1.1, connections kept alive unless the client say
 `max_head` bytes is answered 431, a malformed request line 400, any other method 405
 (its body is not read), and each of these closes the connection; a connection idle for
 `idle_s` is closed. A fault of the API's own is a 500 and a log line; the server goes
-on.
+on. An answer goes out in one `send` when it fits the socket's buffer; a client that
+does not read the rest holds the thread up for 2 s at most, then loses its connection.
 """
 
 from __future__ import annotations
@@ -243,11 +244,19 @@ class StreamsServer:
             f"Connection: {'keep-alive' if keep else 'close'}\r\n"
         ).encode()
         sock = connection.sock
+        data = head + self._headers + b"\r\n" + body
         try:
-            sock.settimeout(_SEND_TIMEOUT_S)  # a whole answer, or the connection goes
-            sock.sendall(head + self._headers + b"\r\n" + body)
-            sock.setblocking(False)
-        except OSError:
+            try:
+                # An answer usually fits the socket's buffer: one call, and no timeout to
+                # set and unset (two system calls more per request).
+                sent = sock.send(data)
+            except BlockingIOError:  # the buffer still holds an earlier answer
+                sent = 0
+            if sent < len(data):  # a client that reads slowly: the rest within the bound
+                sock.settimeout(_SEND_TIMEOUT_S)
+                sock.sendall(data[sent:])
+                sock.setblocking(False)
+        except OSError:  # a reset, or the bound passed: the connection goes
             self._close(connection)
             return False
         if not keep:

@@ -185,3 +185,25 @@ def test_stop_releases_the_port(api):
     server.stop()
     with socket.socket() as again:
         again.bind(("127.0.0.1", port))
+
+
+class Big(Api):
+    def answer(self, method: str, path: bytes, query: str) -> tuple[str, bytes]:
+        return "200 OK", b"x" * 8_000_000  # more than any socket buffer holds
+
+
+def test_a_client_that_does_not_read_its_answer_holds_up_the_others_two_seconds_at_most():
+    with StreamsServer(Big(), "127.0.0.1", 0) as server:
+        stuck = connect(server.port)
+        stuck.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        stuck.sendall(b"GET /streams HTTP/1.1\r\n\r\n")
+        time.sleep(0.2)  # the server is now blocked sending to it
+        started = time.monotonic()
+        with connect(server.port) as quick:
+            status, _, body = exchange(quick, b"GET /streams HTTP/1.1\r\n\r\n")
+        waited = time.monotonic() - started
+        # Reset, not closed: nothing of the answer left to drain at 4 KiB a read.
+        stuck.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+        stuck.close()
+    assert (status, len(body)) == ("HTTP/1.1 200 OK", 8_000_000)
+    assert 1.0 < waited < 4.0
