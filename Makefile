@@ -17,7 +17,7 @@ KUSTOMIZE_VERSION ?= v5.8.0
 KUBECONFORM_VERSION ?= v0.8.0
 KUBE_SCORE_VERSION ?= v1.20.0
 
-.PHONY: demo setup tools test lint unit integration faults chaos wheel bench kafka-start kafka-stop registry-start registry-stop lock clean
+.PHONY: demo setup tools test lint unit integration contract faults chaos wheel bench kafka-start kafka-stop registry-start registry-stop lock clean
 
 # The main job end to end: needs the environment only, not the deployment tools.
 demo: $(STAMP)
@@ -88,6 +88,11 @@ integration: setup
 	$(BIN)/python -m pytest tests/integration --transport confluent || status=1
 	exit $$status
 
+# The transport contract (tests/contract): one battery against the in-memory fake the
+# loop's unit tests use and both real Kafka clients, so the fake is held to what they do.
+contract: setup
+	$(BIN)/python -m pytest tests/contract
+
 # The bounded fault campaign (tests/chaos, a few minutes): a kill loop, a pause past the
 # session timeout and a broker restart under each guarantee, on a broker of its own.
 faults: setup
@@ -150,6 +155,7 @@ test: setup
 	$(MAKE) --no-print-directory lint || status=1
 	$(MAKE) --no-print-directory unit || status=1
 	$(MAKE) --no-print-directory integration || status=1
+	$(MAKE) --no-print-directory contract || status=1
 	$(MAKE) --no-print-directory wheel || status=1
 	$(MAKE) --no-print-directory faults || status=1
 	exit $$status

@@ -10,7 +10,9 @@ checkpoint does. Prints the median over `--repeat` passes of microseconds
 per event for `process`, for the snapshot encoding, and their sum, measured
 with `time.process_time` (CPU of this process). `--tree` runs the same against
 another source tree (a `git archive` of an older commit), in a subprocess,
-for a before/after in one go.
+for a before/after in one go. `--shadow` measures the same with a second model
+of the same size stepped beside it (`--shadow-model`: its store, its predictions,
+the comparison, its snapshots in each checkpoint), and prints both.
 """
 
 from __future__ import annotations
@@ -37,7 +39,13 @@ def drain(codec: Any, store: Any) -> int:
 
 
 def measure(
-    streams: int, poll: int, polls: int, checkpoint_every: int, repeat: int, wave: int
+    streams: int,
+    poll: int,
+    polls: int,
+    checkpoint_every: int,
+    repeat: int,
+    wave: int,
+    shadowed: bool = False,
 ) -> dict:
     from pipeline.changelog import SnapshotCodec
     from pipeline.config import ProcessingConfig, TopicsConfig
@@ -48,19 +56,56 @@ def measure(
     from pipeline.testing import random_weights, write_onnx_step
 
     weights = random_weights("gru", n_features=8, hidden=64, layers=1, n_outputs=8, name="core")
+    # The next version of the same size: other weights, the same features.
+    second = random_weights(
+        "gru", n_features=8, hidden=64, layers=1, n_outputs=8, name="core", version="2", seed=1
+    )
     with tempfile.TemporaryDirectory() as tmp:
         model = OrtStepModel(write_onnx_step(weights, Path(tmp) / "core.onnx"))
+        shadow_model = OrtStepModel(write_onnx_step(second, Path(tmp) / "shadow.onnx"))
 
-    def fresh() -> Processor:
-        store = StateStore(model.spec.states, max_streams=max(streams, 1024))
+    def fresh() -> Any:
+        capacity = max(streams, 1024)
+        shadow = None
+        if shadowed:
+            from prometheus_client import CollectorRegistry
+
+            from pipeline.codec import PredictionEncoder
+            from pipeline.metrics import Metrics
+            from pipeline.shadow import Comparison, Shadow
+
+            metrics = Metrics(CollectorRegistry()).rollout
+            comparison = Comparison.of(model.spec, shadow_model.spec)
+            shadow = Shadow(
+                shadow_model,
+                StateStore(shadow_model.spec.states, max_streams=capacity),
+                PredictionEncoder(shadow_model.spec, "predictions.shadow"),
+                metrics,
+                comparison,
+                max_wave_size=wave,
+            )
+        store = StateStore(
+            model.spec.states,
+            max_streams=capacity,
+            on_forget=None if shadow is None else shadow.forget,
+        )
         return Processor(
             model,
             store,
             topics=TopicsConfig(input_topic="events", output_topic="predictions"),
             processing=ProcessingConfig(max_wave_size=wave),
+            **({"shadow": shadow} if shadowed else {}),
         )
 
     codec = SnapshotCodec(model.spec)
+    shadow_codec = SnapshotCodec(shadow_model.spec)
+
+    def checkpoint(processor: Any) -> int:
+        drained = drain(codec, processor.store)
+        if shadowed:
+            drained += drain(shadow_codec, processor.shadow.store)
+        return drained
+
     rng = np.random.default_rng(0)
     rows = [
         json.dumps(r, separators=(",", ":")) for r in rng.normal(size=(4096, 8)).round(4).tolist()
@@ -79,10 +124,9 @@ def measure(
     for _ in range(repeat):
         # A fresh store each pass: the replay guard would skip events already stepped.
         processor = fresh()
-        store = processor.store
         for batch in batches[:2]:  # warm-up: code paths are hot
             processor.process(batch)
-        drain(codec, store)
+        checkpoint(processor)
         spent_process = spent_checkpoint = 0.0
         since = 0
         for batch in batches[2:]:
@@ -93,7 +137,7 @@ def measure(
             if since >= checkpoint_every:
                 since = 0
                 start = time.process_time()
-                drain(codec, store)
+                checkpoint(processor)
                 spent_checkpoint += time.process_time() - start
         process_us.append(spent_process / events * 1e6)
         checkpoint_us.append(spent_checkpoint / events * 1e6)
@@ -115,31 +159,44 @@ def main() -> int:
     parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--wave", type=int, default=256, help="--max-wave-size")
     parser.add_argument("--tree", action="append", default=[], help="also measure this tree")
+    parser.add_argument(
+        "--shadow", action="store_true", help="also measure with a same-size --shadow-model"
+    )
     parser.add_argument("--json", action="store_true", help="print one JSON line (internal)")
+    parser.add_argument("--shadowed", action="store_true", help=argparse.SUPPRESS)  # internal
     args = parser.parse_args()
     if args.json:
         result = measure(
-            args.streams, args.poll, args.polls, args.checkpoint_every, args.repeat, args.wave
+            args.streams,
+            args.poll,
+            args.polls,
+            args.checkpoint_every,
+            args.repeat,
+            args.wave,
+            args.shadowed,
         )
         print(json.dumps(result))
         return 0
     here = Path(__file__).resolve().parents[1]
     for tree in [str(here), *args.tree]:
-        command = [sys.executable, str(Path(__file__).resolve()), "--json"]
-        command += [
-            f"--{k.replace('_', '-')}={v}"
-            for k, v in vars(args).items()
-            if k in ("streams", "poll", "polls", "checkpoint_every", "repeat", "wave")
-        ]
-        output = subprocess.run(
-            command,
-            env=dict(os.environ, PYTHONPATH=tree),
-            capture_output=True,
-            text=True,
-            check=True,
-            cwd=tree,
-        ).stdout
-        print(f"{tree}: {output.strip().splitlines()[-1]}")
+        for shadowed in (False, True) if args.shadow else (False,):
+            command = [sys.executable, str(Path(__file__).resolve()), "--json"]
+            command += [
+                f"--{k.replace('_', '-')}={v}"
+                for k, v in vars(args).items()
+                if k in ("streams", "poll", "polls", "checkpoint_every", "repeat", "wave")
+            ]
+            command += ["--shadowed"] if shadowed else []
+            output = subprocess.run(
+                command,
+                env=dict(os.environ, PYTHONPATH=tree),
+                capture_output=True,
+                text=True,
+                check=True,
+                cwd=tree,
+            ).stdout
+            label = f"{tree} with a shadow" if shadowed else tree
+            print(f"{label}: {output.strip().splitlines()[-1]}")
     return 0
 
 

@@ -11,6 +11,9 @@ features (regression), built with `export.RecurrentNet` from a fixed seed.
     folder/config.json    the NetConfig, so the baseline rebuilds the same net
 
 Both subjects of the benchmark therefore compute the same function.
+`build_shadow(folder)` writes `folder/shadow.onnx`: the same net (cell, sizes, features)
+trained from another seed, as version 2: what `--shadow-model` steps beside it when
+the benchmark measures the cost of a shadow of the same size.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ FEATURES = 8
 HIDDEN = 64
 NAME = "bench-gru"
 SEED = 0
+SHADOW_SEED = 1
 
 
 def feature_names() -> tuple[str, ...]:
@@ -47,6 +51,26 @@ def build(folder: Path) -> Path:
     export_onnx(net, onnx_path, ModelInfo(name=NAME, task="regression", features=feature_names()))
     torch.save(net.state_dict(), folder / "model.pt")
     (folder / "config.json").write_text(json.dumps(asdict(config), indent=2) + "\n")
+    return onnx_path
+
+
+def build_shadow(folder: Path) -> Path:
+    """Write `folder/shadow.onnx` unless it is there (see the module docstring)."""
+    onnx_path = folder / "shadow.onnx"
+    if onnx_path.exists():
+        return onnx_path
+    import torch
+
+    from export import ModelInfo, NetConfig, RecurrentNet, export_onnx
+
+    torch.manual_seed(SHADOW_SEED)
+    config = NetConfig(
+        cell="gru", task="regression", n_features=FEATURES, n_outputs=FEATURES, hidden=HIDDEN
+    )
+    net = RecurrentNet(config).eval()
+    folder.mkdir(parents=True, exist_ok=True)
+    info = ModelInfo(name=NAME, task="regression", features=feature_names(), version="2")
+    export_onnx(net, onnx_path, info)
     return onnx_path
 
 

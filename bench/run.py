@@ -10,6 +10,9 @@ kafka-python, confluent):
   (kafka-python, PyTorch, one forward call and one produce per event);
 - `kafka-python` / `confluent`: the real CLI, `python -m pipeline.cli serve
   --transport ...`, at-least-once, changelog on, defaults otherwise;
+- `kafka-python+shadow` / `confluent+shadow`: the same, with `--shadow-model`: a
+  second model of the same size (bench/model.py `build_shadow`) stepped beside it,
+  its predictions to `<output>.shadow` (the reader reads the served ones);
 - TREE (optional): run `pipeline` from another source tree (a `git archive`
   of an older commit), to measure a change before and after in one run.
 
@@ -69,7 +72,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from bench.load import Reader, create_topic, delete_topics, fill  # noqa: E402
-from bench.model import build  # noqa: E402
+from bench.model import build, build_shadow  # noqa: E402
 
 PARTITIONS = 4
 # Topics are deleted when the whole benchmark ends, not after each run: the broker
@@ -82,7 +85,14 @@ def used(*topics: str) -> None:
     _USED_TOPICS.extend(topics)
 
 
-KINDS = ("baseline", "kafka-python", "confluent", "floor")
+KINDS = (
+    "baseline",
+    "kafka-python",
+    "confluent",
+    "kafka-python+shadow",
+    "confluent+shadow",
+    "floor",
+)
 
 
 @dataclass(frozen=True)
@@ -113,6 +123,15 @@ class Subject:
     @property
     def is_floor(self) -> bool:
         return self.kind == "floor"
+
+    @property
+    def has_shadow(self) -> bool:
+        return self.kind.endswith("+shadow")
+
+    @property
+    def transport(self) -> str:
+        """The `--transport` of a `hiddenstate serve` subject."""
+        return self.kind.removesuffix("+shadow")
 
 
 def free_port() -> int:
@@ -150,6 +169,12 @@ class Running:
         self.subject = subject
         self.group = f"bench-{uuid.uuid4().hex[:8]}"
         self.changelog = f"{topic}.{self.group}.changelog"
+        # A shadow's topics are the run's own too: no states carried over between runs.
+        self.shadow_topics = (
+            [f"{output}.shadow", f"{topic}.{self.group}.shadow.changelog"]
+            if subject.has_shadow
+            else []
+        )
         self.metrics_port = free_port()
         if subject.is_baseline:
             command = [
@@ -174,7 +199,17 @@ class Running:
                 *(
                     []
                     if subject.kind == "kafka-python" and subject.tree != REPO
-                    else ["--transport", subject.kind]
+                    else ["--transport", subject.transport]
+                ),
+                *(
+                    [
+                        "--shadow-model",
+                        str(args.model_dir / "shadow.onnx"),
+                        "--shadow-changelog-topic",
+                        self.shadow_topics[1],
+                    ]
+                    if subject.has_shadow
+                    else []
                 ),
                 "--group-id",
                 self.group,
@@ -329,7 +364,7 @@ def _capacity_once(subject: Subject, args: argparse.Namespace, backlog: str, log
     finally:
         running.stop()
         reader.stop()
-        used(output, *([] if subject.is_baseline else [running.changelog]))
+        used(output, *([] if subject.is_baseline else [running.changelog, *running.shadow_topics]))
     events = count1 - count0
     return {
         "events_per_second": events / (t1 - t0),
@@ -403,7 +438,10 @@ def latency_sweep(
             sampler.stop()
         if running is not None:
             running.stop()
-            used(output, *([] if subject.is_baseline else [running.changelog]))
+            used(
+                output,
+                *([] if subject.is_baseline else [running.changelog, *running.shadow_topics]),
+            )
         reader.stop()
         used(topic, f"{topic}.dead-letter")
     arrivals = np.asarray(reader.arrivals)
@@ -585,7 +623,7 @@ def memory_run(subject: Subject, args: argparse.Namespace, streams: int, logs: P
     finally:
         running.stop()
         reader.stop()
-        used(topic, output, running.changelog, f"{topic}.dead-letter")
+        used(topic, output, running.changelog, f"{topic}.dead-letter", *running.shadow_topics)
     return {
         "streams": streams,
         "rss_before_mib": rss0 / 1024,
@@ -818,6 +856,8 @@ def main() -> int:
         for kind, n in (item.split("=") for item in args.memory_streams.split(",") if item)
     )
     build(args.model_dir)
+    if any(s.has_shadow for s in subjects):
+        build_shadow(args.model_dir)
     logs = args.out.parent / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     bootstrap = args.bootstrap_servers

@@ -20,6 +20,11 @@ state spec, then step and source offset, then the float32 state bytes:
 
     b"HSS1" | u16 n | identity+spec (n bytes, UTF-8) | i64 step | i64 offset | states
 
+A state that missed the first events of its stream (a shadow model that joined
+the stream mid-way, `pipeline.shadow`) is written as `HSS2`, the same layout
+with a third number after the offset: how many events it missed. Every other
+snapshot stays `HSS1`, byte for byte what earlier versions wrote and read.
+
 A snapshot whose header names another model identity or state spec (a model
 roll-out) is not applied: that stream starts fresh, counted and logged.
 """
@@ -55,10 +60,70 @@ class Decoded:
     steps: NDArray[np.int64]
     offsets: NDArray[np.int64]
     states: list[NDArray[np.float32]]  # one [len(indexes), *shape] array per state tensor
+    missed: NDArray[np.int64]  # events of each stream its state missed (0: warm)
 
 
-_MAGIC = b"HSS1"
-_NUMBERS = struct.Struct("<qq")  # step, source offset
+_MAGIC = b"HSS1"  # step, source offset
+_MAGIC_MISSED = b"HSS2"  # step, source offset, events missed
+_NUMBERS = struct.Struct("<qq")
+
+
+class _Layout:
+    """One snapshot format of one model: its header, how many i64 numbers follow it, and
+    the numpy structured row that holds a whole value."""
+
+    def __init__(self, magic: bytes, label: bytes, numbers: int, state_size: int) -> None:
+        self.header = magic + struct.pack("<H", len(label)) + label
+        self.numbers = numbers
+        self.states_at = len(self.header) + 8 * numbers
+        self.length = self.states_at + 4 * state_size
+        self.row = np.dtype(
+            [
+                ("header", np.uint8, (len(self.header),)),
+                ("numbers", "<i8", (numbers,)),
+                ("states", "<f4", (state_size,)),
+            ]
+        )
+        self.header_row = np.frombuffer(self.header, dtype=np.uint8)
+
+    def fits(self, value: bytes) -> bool:
+        return len(value) == self.length and value.startswith(self.header)
+
+    def encode(self, numbers: Sequence[Any], states: NDArray[np.float32]) -> list[bytes]:
+        """Values of `len(states)` snapshots: `numbers[j]` is column j of the numbers,
+        `states` the flattened `[count, state_size]` states."""
+        count = len(states)
+        table = np.empty(count, dtype=self.row)
+        table["header"] = self.header_row
+        for column, values in enumerate(numbers):
+            table["numbers"][:, column] = values
+        table["states"] = states
+        data = table.tobytes()
+        size = self.length
+        return [data[start : start + size] for start in range(0, count * size, size)]
+
+    def decode(
+        self, values: Sequence[bytes], candidates: NDArray[np.intp] | None = None
+    ) -> tuple[Any, Any]:
+        """(indexes into `values` of the snapshots in this layout, their table) among
+        `candidates` (indexes of values not decoded yet; None: all of them)."""
+        if candidates is None:  # map(): the per-value work of a whole restore stays in C
+            lengths = np.fromiter(map(len, values), dtype=np.int64, count=len(values))
+            sized = np.flatnonzero(lengths == self.length)
+        else:
+            lengths = np.fromiter(
+                (len(values[i]) for i in candidates.tolist()),
+                dtype=np.int64,
+                count=len(candidates),
+            )
+            sized = candidates[lengths == self.length]
+        if len(sized) == len(values):
+            data = b"".join(values)
+        else:
+            data = b"".join([values[i] for i in sized.tolist()])
+        table = np.frombuffer(data, dtype=self.row) if data else np.empty(0, self.row)
+        fits = (table["header"] == self.header_row).all(axis=1)
+        return sized[fits], table[fits]
 
 
 class SnapshotCodec:
@@ -68,64 +133,72 @@ class SnapshotCodec:
     numpy structured array (`header`, `numbers` = step and offset, `states`):
     a checkpoint encodes all its snapshots with one `tobytes()` and a restore
     decodes all of a partition's with one `frombuffer`, instead of a struct
-    call and a copy per stream (`encode_many`, `decode_many`).
+    call and a copy per stream (`encode_many`, `decode_many`). States that
+    missed events (`HSS2`) are a second such table.
     """
 
     def __init__(self, spec: ModelSpec) -> None:
         states = ";".join(f"{s.name}:{'x'.join(map(str, s.shape))}:{s.dtype}" for s in spec.states)
         label = f"{spec.identity}|{states}".encode()
-        self._header = _MAGIC + struct.pack("<H", len(label)) + label
         self._sizes = [int(np.prod(s.shape)) for s in spec.states]
         self._shapes = [s.shape for s in spec.states]
-        self._state_bytes = sum(self._sizes) * 4
-        self.length = len(self._header) + _NUMBERS.size + self._state_bytes
-        self._row = np.dtype(
-            [
-                ("header", np.uint8, (len(self._header),)),
-                ("numbers", "<i8", (2,)),
-                ("states", "<f4", (sum(self._sizes),)),
-            ]
-        )
-        self._header_row = np.frombuffer(self._header, dtype=np.uint8)
+        self._warm = _Layout(_MAGIC, label, 2, sum(self._sizes))
+        self._cold = _Layout(_MAGIC_MISSED, label, 3, sum(self._sizes))
+        self._header = self._warm.header
+        self.length = self._warm.length
 
     def encode_many(self, rows: Rows) -> list[bytes]:
         """The changelog values of many streams' snapshots, in row order."""
         count = len(rows.keys)
         if not count:
             return []
-        table = np.empty(count, dtype=self._row)
-        table["header"] = self._header_row
-        table["numbers"][:, 0] = rows.steps
-        table["numbers"][:, 1] = rows.offsets
-        table["states"] = np.concatenate(
+        states = np.concatenate(
             [np.asarray(a, dtype=np.float32).reshape(count, -1) for a in rows.states], axis=1
         )
-        data = table.tobytes()
-        size = self.length
-        return [data[start : start + size] for start in range(0, count * size, size)]
+        missed = rows.missed
+        if missed is None or not missed.any():
+            return self._warm.encode((rows.steps, rows.offsets), states)
+        values: list[bytes] = [b""] * count
+        for layout, chosen in (
+            (self._warm, np.flatnonzero(missed == 0)),
+            (self._cold, np.flatnonzero(missed != 0)),
+        ):
+            numbers = [rows.steps[chosen], rows.offsets[chosen], missed[chosen]]
+            encoded = layout.encode(numbers[: layout.numbers], states[chosen])
+            for i, value in zip(chosen.tolist(), encoded, strict=True):
+                values[i] = value
+        return values
 
     def decode_many(self, values: Sequence[bytes]) -> Decoded:
         """Every value at once: which of them are snapshots of this model (indexes
-        into `values`), and their steps, source offsets and states."""
-        lengths = np.fromiter(map(len, values), dtype=np.int64, count=len(values))
-        sized = np.flatnonzero(lengths == self.length)
-        if len(sized) == len(values):
-            data = b"".join(values)
-        else:
-            data = b"".join([values[i] for i in sized.tolist()])
-        table = np.frombuffer(data, dtype=self._row) if data else np.empty(0, self._row)
-        fits = (table["header"] == self._header_row).all(axis=1)
-        table = table[fits]
+        into `values`), and their steps, source offsets, states and missed events."""
+        indexes, table = self._warm.decode(values)
+        missed = np.zeros(len(table), dtype=np.int64)
+        if len(indexes) < len(values):
+            rest = np.setdiff1d(np.arange(len(values)), indexes, assume_unique=True)
+            cold_indexes, cold = self._cold.decode(values, rest)
+            if len(cold_indexes):
+                indexes = np.concatenate([indexes, cold_indexes])
+                missed = np.concatenate([missed, cold["numbers"][:, 2]])
+                steps_offsets = np.concatenate([table["numbers"], cold["numbers"][:, :2]])
+                flat = np.concatenate([table["states"], cold["states"]])
+                return self._decoded(indexes, steps_offsets, flat, missed)
+        return self._decoded(indexes, table["numbers"], table["states"], missed)
+
+    def _decoded(
+        self, indexes: NDArray[np.intp], numbers: Any, flat: Any, missed: NDArray[np.int64]
+    ) -> Decoded:
         arrays = []
         column = 0
         for size, shape in zip(self._sizes, self._shapes, strict=True):
-            arrays.append(table["states"][:, column : column + size].reshape(len(table), *shape))
+            arrays.append(flat[:, column : column + size].reshape(len(flat), *shape))
             column += size
         return Decoded(
-            indexes=sized[fits],
-            steps=table["numbers"][:, 0].copy(),
-            offsets=table["numbers"][:, 1].copy(),
+            indexes=indexes,
+            steps=numbers[:, 0].copy(),
+            offsets=numbers[:, 1].copy(),
             states=[np.ascontiguousarray(a) for a in arrays],
+            missed=np.ascontiguousarray(missed, dtype=np.int64),
         )
 
     def encode(self, snapshot: Snapshot) -> bytes:
@@ -133,22 +206,29 @@ class SnapshotCodec:
         states = b"".join(
             np.ascontiguousarray(a, dtype=np.float32).tobytes() for a in snapshot.states
         )
+        if snapshot.missed:
+            numbers = struct.pack("<qqq", snapshot.step, snapshot.offset, snapshot.missed)
+            return self._cold.header + numbers + states
         return self._header + _NUMBERS.pack(snapshot.step, snapshot.offset) + states
 
     def fits(self, value: bytes) -> bool:
         """True when `value` is a snapshot of this model (identity, state spec and length)."""
-        return len(value) == self.length and value.startswith(self._header)
+        return self._warm.fits(value) or self._cold.fits(value)
 
     def numbers(self, value: bytes) -> tuple[int, int]:
         """(step, source offset) of a value that `fits`."""
-        step, offset = _NUMBERS.unpack_from(value, len(self._header))
+        layout = self._warm if self._warm.fits(value) else self._cold
+        step, offset = _NUMBERS.unpack_from(value, len(layout.header))
         return int(step), int(offset)
 
     def states(self, values: Sequence[bytes]) -> list[np.ndarray[Any, np.dtype[np.float32]]]:
         """The states of many values that `fit`, decoded at once: one array per
         state tensor, `[len(values), *shape]`."""
-        start = len(self._header) + _NUMBERS.size
-        flat = np.frombuffer(b"".join(v[start:] for v in values), dtype=np.float32)
+        warm = self._warm
+        flat = np.frombuffer(
+            b"".join(v[warm.states_at if warm.fits(v) else self._cold.states_at :] for v in values),
+            dtype=np.float32,
+        )
         flat = flat.reshape(len(values), sum(self._sizes))
         arrays = []
         column = 0
@@ -264,6 +344,7 @@ class Changelog:
                 decoded.steps,
                 decoded.states,
                 self._clock(),
+                missed=decoded.missed,
             )
         return len(decoded.indexes), len(values) - len(decoded.indexes)
 
@@ -273,7 +354,8 @@ class Changelog:
         unfit[fit] = False
         discarded = {"incompatible_model": 0, "malformed": 0}
         for i in np.flatnonzero(unfit).tolist():
-            discarded["incompatible_model" if values[i].startswith(_MAGIC) else "malformed"] += 1
+            ours = values[i].startswith((_MAGIC, _MAGIC_MISSED))
+            discarded["incompatible_model" if ours else "malformed"] += 1
         for reason, count in discarded.items():
             if count:
                 self._metrics.snapshots_discarded.labels(reason).inc(count)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import importlib
 import logging
 import os
+import signal
 import sys
 from collections.abc import Callable
 from importlib.metadata import entry_points
@@ -93,6 +94,10 @@ def main(argv: list[str] | None = None) -> int:
         print(_usage())
         return 0 if args else 2
     logs.configure(logs.requested_format(args[1:], os.environ), logging.INFO)
+    if args[0] == "serve":
+        # Until serve's own handler takes over (pipeline.serve.StopRequest), a stop while
+        # the heavy modules load ends the process cleanly: nothing was served yet.
+        signal.signal(signal.SIGTERM, _stop_before_serving)
     try:
         command = _resolve(args[0])
         if command is None:
@@ -104,6 +109,10 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt:
         return 130
+
+
+def _stop_before_serving(signum: int, frame: object) -> None:
+    raise SystemExit(0)
 
 
 if __name__ == "__main__":

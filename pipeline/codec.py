@@ -293,8 +293,12 @@ class PredictionEncoder:
     The per-event Python work left is gathering the event's columns.
     """
 
-    def __init__(self, spec: ModelSpec, topic: str) -> None:
+    def __init__(self, spec: ModelSpec, topic: str, *, by_source_partition: bool = False) -> None:
+        """`by_source_partition`: each record goes to the partition number of its input
+        event, not to the partitioner's choice by key (a shadow's predictions:
+        `pipeline.shadow`)."""
         self._topic = topic
+        self._by_source_partition = by_source_partition
         model = json.dumps({"name": spec.name, "version": spec.version}, separators=(",", ":"))
         # A literal part of a % format has its own % doubled (a model named "50%").
         self._head = _literal('{"model":' + model + ',"source":{"topic":')
@@ -337,7 +341,13 @@ class PredictionEncoder:
         ]
         arguments = tuple(chain.from_iterable(zip(*columns, strict=True)))
         values = (_SEPARATOR.join([template] * batch) % arguments).split(_SEPARATOR)
-        return list(map(OutputRecord, repeat(self._topic), [e.key for e in events], values))
+        keys = [e.key for e in events]
+        if self._by_source_partition:
+            partitions = [r.partition for r in records]
+            return list(
+                map(OutputRecord, repeat(self._topic), keys, values, repeat(()), partitions)
+            )
+        return list(map(OutputRecord, repeat(self._topic), keys, values))
 
     def _quoted(self, topic: str) -> bytes:
         quoted = self._topics.get(topic)

@@ -24,6 +24,7 @@ from typing import Any
 
 from pipeline import settings
 from pipeline.errors import ConfigError
+from pipeline.model_spec import ModelSpec
 from pipeline.settings import setting as _setting
 from pipeline.settings import who as _who
 
@@ -46,18 +47,39 @@ class TopicsConfig:
     changelog_topic: str = _setting(
         "",
         "compacted topic of hidden-state snapshots",
-        derived="<input_topic>.<model name>.changelog",
+        derived="<input_topic>.<model name>.<version>.<weights>.changelog",
     )
 
-    def changelog_for(self, model_name: str) -> str:
-        """The changelog topic: the setting, or derived from the input topic and model name.
+    def changelog_for(self, spec: ModelSpec) -> str:
+        """The changelog topic: the setting, or `model_changelog(input_topic, spec)`.
 
         Known only once the model is loaded, which is why it is not resolved here.
         """
-        if self.changelog_topic:
-            return self.changelog_topic
-        safe = re.sub(r"[^A-Za-z0-9._-]", "-", model_name)
-        return f"{self.input_topic}.{safe}.changelog"[:249]
+        return self.changelog_topic or model_changelog(self.input_topic, spec)
+
+
+def model_changelog(input_topic: str, spec: ModelSpec) -> str:
+    """The derived changelog topic of one model identity:
+    `<input_topic>.<name>.<version>.<first 16 hex of the weights>.changelog`.
+
+    One per identity, whichever role the model serves in: what a model wrote as the
+    shadow is what it restores once promoted, and two versions (or two trainings) of one
+    model name never share a changelog. Characters Kafka refuses become `-`; a name too
+    long for Kafka's 249 characters is cut before the weights, which stay."""
+    tail = f".{_safe(spec.weights_sha256[:16])}.changelog"
+    head = f"{input_topic}.{_safe(spec.name)}.{_safe(spec.version)}"
+    return head[: 249 - len(tail)] + tail
+
+
+def name_only_changelog(input_topic: str, model_name: str) -> str:
+    """The changelog topic hiddenstate 0.1 derived from the model name alone
+    (`<input_topic>.<model name>.changelog`): start-up looks for it to warn that its
+    states are not used any more."""
+    return f"{input_topic}.{_safe(model_name)}.changelog"[:249]
+
+
+def _safe(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]", "-", text)
 
 
 @dataclass(frozen=True)
@@ -314,6 +336,58 @@ class DeliveryConfig:
 
 
 @dataclass(frozen=True)
+class RolloutConfig:
+    """A second model stepped in shadow beside the served one, and the check at promotion
+    (docs/durability.md, "Rolling out a new model version")."""
+
+    shadow_model: str = _setting(
+        "",
+        "path of a second exported ONNX step file, stepped beside --model on every event with "
+        "states and a changelog of its own; its predictions go to --shadow-output-topic and "
+        "are compared live (hiddenstate_shadow_*). It must take the same features. Empty: none",
+    )
+    shadow_output_topic: str = _setting(
+        "",
+        "topic the shadow model's predictions go to (the prediction format, with its identity), "
+        "co-partitioned with the input: the prediction of an event of input partition p goes "
+        "to partition p",
+        derived="<output_topic>.shadow",
+    )
+    shadow_changelog_topic: str = _setting(
+        "",
+        "compacted topic of the shadow model's snapshots; to promote it, pass this topic as "
+        "--changelog-topic",
+        derived="<input_topic>.<shadow name>.<version>.<weights>.changelog",
+    )
+    shadow_warmup_events: int = _setting(
+        0,
+        "when partitions are assigned, replay up to this many recent events of each stream the "
+        "shadow holds cold (joined mid-stream) from the input topic, within its retention; a "
+        "stream whose events since its start or last reset are all replayed becomes warm "
+        "(0 = no replay)",
+        minimum=0,
+    )
+    promotion_max_cold_fraction: float = _setting(
+        0.01,
+        "refuse to serve (exit 1) when more than this fraction of the streams restored for "
+        "--model are cold: their states, written while the model was a shadow, missed the "
+        "first events of their stream (1 = never refuse)",
+        minimum=0,
+        maximum=1,
+    )
+    force_promotion: bool = _setting(
+        False,
+        "serve even when more restored streams are cold than --promotion-max-cold-fraction "
+        "allows; they continue from their cold states",
+    )
+
+    def shadow_changelog_for(self, input_topic: str, spec: ModelSpec) -> str:
+        """The shadow's changelog: the setting, or `model_changelog(input_topic, spec)` (what
+        the same model uses as `--model`, so that a promotion restores what it wrote)."""
+        return self.shadow_changelog_topic or model_changelog(input_topic, spec)
+
+
+@dataclass(frozen=True)
 class ObservabilityConfig:
     """Metrics/health HTTP endpoint and logging."""
 
@@ -377,6 +451,7 @@ _SECTIONS: dict[str, type] = {
     "processing": ProcessingConfig,
     "formats": FormatsConfig,
     "delivery": DeliveryConfig,
+    "rollout": RolloutConfig,
     "observability": ObservabilityConfig,
     "online": OnlineConfig,
 }
@@ -393,6 +468,7 @@ class ServeConfig:
     processing: ProcessingConfig
     formats: FormatsConfig
     delivery: DeliveryConfig
+    rollout: RolloutConfig
     observability: ObservabilityConfig
     online: OnlineConfig
     # Where each value came from ("flag", "env", "default", "derived"): for the start log.
@@ -543,7 +619,7 @@ def from_sources(flags: Mapping[str, Any], environ: Mapping[str, str]) -> ServeC
         sources[name] = source
     _derive(values, sources)
     if not problems:
-        problems = _cross_checks(values)
+        problems = _cross_checks(values) + _rollout_checks(values, sources)
     if problems:
         raise ConfigError("invalid configuration:\n  " + "\n  ".join(problems))
     sections = {s: _SECTIONS[s](**v) for s, v in values.items()}
@@ -564,6 +640,10 @@ def _derive(values: dict[str, dict[str, Any]], sources: dict[str, str]) -> None:
     if online["labels_topic"] and not online["labels_dead_letter_topic"]:
         online["labels_dead_letter_topic"] = f"{online['labels_topic']}.dead-letter"[:249]
         sources["labels_dead_letter_topic"] = "derived"
+    rollout = values["rollout"]
+    if rollout["shadow_model"] and topics["output_topic"] and not rollout["shadow_output_topic"]:
+        rollout["shadow_output_topic"] = f"{topics['output_topic']}.shadow"[:249]
+        sources["shadow_output_topic"] = "derived"
     # A wave must fit in the store; the default wave size shrinks for a small store.
     processing, store = values["processing"], values["store"]
     max_streams = store.get("max_streams")  # absent when it did not parse
@@ -643,6 +723,42 @@ def _online_checks(online: dict[str, Any], observability: dict[str, Any]) -> lis
             f"{_who('streams_api_port')}: {port} is the metrics port; leave it 0 to serve the "
             "streams API on the metrics port, or choose another"
         )
+    return problems
+
+
+def _rollout_checks(values: dict[str, dict[str, Any]], sources: Mapping[str, str]) -> list[str]:
+    """The shadow's settings: only with a shadow model, topics of its own."""
+    rollout, topics = values["rollout"], values["topics"]
+    problems = []
+    if not rollout["shadow_model"]:
+        for name in ("shadow_output_topic", "shadow_changelog_topic", "shadow_warmup_events"):
+            if sources.get(name) in ("flag", "env"):
+                problems.append(
+                    f"{_who(name)}: has no effect without {_who('shadow_model')}; set both, "
+                    "or neither"
+                )
+        return problems
+    if rollout["shadow_model"] == values["runtime"]["model"]:
+        problems.append(
+            f"{_who('shadow_model')}: {rollout['shadow_model']!r} is the --model file itself; "
+            "a shadow is another version of the model"
+        )
+    for name in ("shadow_output_topic", "shadow_changelog_topic"):
+        topic = rollout[name]
+        if topic and not _TOPIC_NAME.match(topic):
+            problems.append(
+                f"{_who(name)}: {topic!r} is not a valid Kafka topic name "
+                "(1-249 of A-Z a-z 0-9 . _ -)"
+            )
+    ours = [(n, rollout[n]) for n in ("shadow_output_topic", "shadow_changelog_topic")]
+    theirs = [
+        (n, topics[n])
+        for n in ("input_topic", "output_topic", "dead_letter_topic", "changelog_topic")
+    ] + [(n, values["online"][n]) for n in ("labels_topic", "labels_dead_letter_topic")]
+    pairs = [(a, b) for a in ours for b in theirs] + [(ours[0], ours[1])]
+    for (a, ta), (b, tb) in pairs:
+        if ta and ta == tb:
+            problems.append(f"{_who(a)} and {_who(b)}: both are {ta!r}; they must differ")
     return problems
 
 

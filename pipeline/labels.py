@@ -227,6 +227,10 @@ class BatchProcessor(Protocol):
         """Serve one polled batch."""
         ...
 
+    def drop_partition(self, partition: int) -> int:
+        """Forget the streams of `partition` (every model's); returns how many."""
+        ...
+
 
 Lag = Callable[[], dict[int, int]]
 """Records behind the end of each input partition (`Source.lag`)."""
@@ -327,6 +331,12 @@ class LabelledProcessor:
                     served[partition] = stamp
         self._pump(bool(records))
         return result
+
+    def drop_partition(self, partition: int) -> int:
+        """The states of `partition`, dropped by the loop (a revocation, or a rewind to the
+        last commit). The predictions stay: a revocation forgets them in `revoked`, and
+        after a rewind the same events are served again from the restored states."""
+        return self._inner.drop_partition(partition)
 
     def close(self) -> None:
         """Send what is left of the dead letters (bounded), release the reader."""

@@ -3,6 +3,7 @@
     live = Live(config, model.spec, metrics)                  # nothing at all when both are off
     encoder = live.encoder(encoder)                           # predictions into the ring
     processor = make_processor(model, config, metrics, encoder=encoder)
+    live.judge_shadow(shadow)                                 # a shadow's predictions: a ring too
     served = live.processor(processor, transport)             # labels read after each batch
     make_source = live.following(make_source)                 # the labels reader follows the input
     app = live.streams_app(partitions)                        # GET /streams, /streams/{key}
@@ -10,7 +11,10 @@
 Nothing here changes how events are served: the ring sees each wave's predictions
 through the encoder (`pipeline.ring.RecordingEncoder`), the labels are read and judged
 after the batch (`pipeline.labels.LabelledProcessor`), and the assignment reaches the
-labels reader through the input's rebalance callbacks, after the loop's own.
+labels reader through the input's rebalance callbacks, after the loop's own. A shadow
+model (`--shadow-model`) records its predictions in a ring of its own, and the same
+labels judge them into the counters of its identity: the two models' live accuracy side
+by side, on the same events.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from pipeline.labels import BatchProcessor, LabelledProcessor, Scorer
 from pipeline.metrics import Metrics
 from pipeline.model_spec import ModelSpec
 from pipeline.ring import PredictionRing, RecordingEncoder
+from pipeline.shadow import Shadow
 from pipeline.streams_api import StreamsApi
 from pipeline.transport import RebalanceCallback, Source, Transport
 from pipeline.transport.follower import open_follower
@@ -77,6 +82,7 @@ class Live:
             else None
         )
         self._labels: LabelledProcessor | None = None
+        self._shadow: Shadow | None = None
         self._assigned: set[int] = set()
 
     @property
@@ -88,20 +94,61 @@ class Live:
         """`inner`, recording every wave's predictions in the ring when there is one."""
         return inner if self.ring is None else RecordingEncoder(inner, self.ring, self._clock)
 
+    def judge_shadow(self, shadow: Shadow | None) -> None:
+        """With labels on, give `shadow` a ring of its own so that the labels judge its
+        predictions too (call before `processor`). A label means the same to both models
+        only if they share the task and the first output (its shape and class names):
+        otherwise the shadow is not judged, and the log says why."""
+        if shadow is None or not self.labels_on:
+            return
+        mine, theirs = self._spec.outputs[0], shadow.spec.outputs[0]
+        differ = [
+            what
+            for what, same in (
+                ("task", self._spec.task == shadow.spec.task),
+                ("the shape of the first output", mine.shape == theirs.shape),
+                ("class names", mine.labels == theirs.labels),
+            )
+            if not same
+        ]
+        if differ:
+            log.warning(
+                "the labels judge %s only, not the shadow %s: they differ in %s, so a label "
+                "does not mean the same to both",
+                self._spec.identity,
+                shadow.spec.identity,
+                " and ".join(differ),
+            )
+            return
+        horizon = self._config.online.label_horizon_steps
+        shadow.ring = PredictionRing(shadow.spec, horizon, self._config.store.max_streams)
+        self._shadow = shadow
+        log.info(
+            "the labels judge the shadow %s too (%d bytes per stream for its predictions)",
+            shadow.spec.identity,
+            PredictionRing.bytes_per_stream(shadow.spec, horizon),
+        )
+
     def processor(self, inner: BatchProcessor, transport: Transport) -> BatchProcessor:
         """`inner`, or with labels on, `inner` followed by the labels after each batch."""
         if not self.labels_on or self.ring is None:
             return inner
         online = self._config.online
-        scorer = Scorer(
-            self._spec,
-            self.ring,
-            self._metrics.online.register(self._spec.identity, self._spec.task),
-        )
+        scorers = [
+            Scorer(
+                self._spec,
+                self.ring,
+                self._metrics.online.register(self._spec.identity, self._spec.task),
+            )
+        ]
+        shadow = self._shadow
+        if shadow is not None and shadow.ring is not None:
+            scores = self._metrics.online.register(shadow.spec.identity, shadow.spec.task)
+            scorers.append(Scorer(shadow.spec, shadow.ring, scores))
         self._labels = LabelledProcessor(
             inner,
             open_follower(transport.name, self._config.kafka, online.labels_topic),
-            [scorer],
+            scorers,
             self._metrics.online,
             transport.sink(),
             online.labels_dead_letter_topic,

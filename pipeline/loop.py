@@ -49,7 +49,6 @@ from pipeline.health import LoopState
 from pipeline.metrics import Metrics
 from pipeline.pause import PauseWatch
 from pipeline.records import BatchResult, InputRecord, OutputRecord
-from pipeline.state_store import StateStore
 from pipeline.transport import RebalanceCallback, Source
 
 log = logging.getLogger(__name__)
@@ -73,10 +72,12 @@ class LoopSettings:
 class BatchProcessor(Protocol):
     """What the loop needs of the processor (`pipeline.processor.Processor`)."""
 
-    store: StateStore
-
     def process(self, records: Sequence[InputRecord]) -> BatchResult:
         """Serve one polled batch; an empty one still runs idle eviction."""
+        ...
+
+    def drop_partition(self, partition: int) -> int:
+        """Forget the streams of `partition` (every model's); returns how many."""
         ...
 
 
@@ -134,11 +135,6 @@ class ServeLoop:
     def assigned(self) -> frozenset[int]:
         """Input partitions this consumer serves now."""
         return frozenset(self._assigned)
-
-    @property
-    def stopping(self) -> bool:
-        """True once a stop was asked for."""
-        return self._stopping
 
     def stop(self) -> None:
         """Ask the loop to leave after the batch in hand (safe from a signal handler)."""
@@ -212,13 +208,13 @@ class ServeLoop:
         commit, so none of them may reach a checkpoint. Drop them all now; right after the
         next poll (or this one, from a callback) `_rewind` takes the partitions back to it."""
         log.warning("throwing away everything uncommitted: %s", reason)
+        self._health.beat()  # what failed may have waited its whole bound
         try:
             self._committer.reset()  # abort an open transaction before anything else
         except KafkaUnavailableError as error:
             log.warning("the abort waits for the broker (%s); the rewind tries again", error)
-        store = self._processor.store
         for partition in self._assigned:
-            store.drop_partition(partition)
+            self._processor.drop_partition(partition)
         self._to_rewind |= self._assigned
         self._rewind_due = True
 
@@ -303,7 +299,7 @@ class ServeLoop:
         self._drop(partitions)
 
     def _drop(self, partitions: list[int]) -> None:
-        dropped = sum(self._processor.store.drop_partition(p) for p in partitions)
+        dropped = sum(self._processor.drop_partition(p) for p in partitions)
         log.info("dropped %d streams of partitions %s", dropped, partitions)
         for partition in partitions:
             self._metrics.forget_partition(partition)

@@ -20,6 +20,7 @@ import contextlib
 import threading
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 from numpy.typing import ArrayLike
@@ -87,6 +88,11 @@ END_TO_END_BUCKETS = (
 )
 WAVE_SIZE_BUCKETS = tuple(float(2**i) for i in range(13))  # 1 .. 4096 streams
 CHECKPOINT_BUCKETS = (1e-3, 5e-3, 10e-3, 25e-3, 50e-3, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+# |shadow - served| of one output: from float32 noise (two exports of one model) up to
+# predictions in raw units that disagree by orders of magnitude.
+DIFFERENCE_BUCKETS = (1e-6, 1e-5, 1e-4, 1e-3, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0, 100.0)
+# Whether a shadow's state has seen its stream from the first event (or last reset).
+WARMTH = ("warm", "cold")
 
 
 def _le(bound: float) -> str:
@@ -261,7 +267,7 @@ class Metrics:
         )
         self.state_store_bytes = Gauge(
             p + "state_store_bytes",
-            "Bytes of the state slabs and per-stream columns.",
+            "Bytes of the state slabs and per-stream columns (a shadow model's included).",
             registry=registry,
         )
         self.consumer_lag = Gauge(
@@ -289,6 +295,8 @@ class Metrics:
         self.build = Info(p + "build", "The hiddenstate release serving.", registry=registry)
         self.build.info({"version": __version__})
         self.online = OnlineMetrics(registry)  # hiddenstate_online_*: below
+        # A shadow model beside the served one, and promotions (pipeline.shadow).
+        self.rollout = RolloutMetrics(registry)
         ProcessCollector(registry=registry)
         PlatformCollector(registry=registry)
         # Every label value exists from the start, so rate() sees the first increment.
@@ -466,3 +474,144 @@ class ModelScores:
     identity: str
     results: dict[str, Counter]
     sums: dict[str, Counter]
+
+
+class LabelledBatchHistogram:
+    """A `BatchHistogram` with one label: one set of buckets per label value, all of them
+    in one family. Label values exist once `labels(value)` was called."""
+
+    def __init__(
+        self,
+        name: str,
+        documentation: str,
+        label: str,
+        buckets: Sequence[float],
+        registry: CollectorRegistry,
+    ) -> None:
+        self._name = name
+        self._documentation = documentation
+        self._label = label
+        self._bounds = np.array([*sorted(buckets), float("inf")], dtype=np.float64)
+        self._children: dict[str, tuple[np.ndarray[Any, np.dtype[np.int64]], list[float]]] = {}
+        self._lock = threading.Lock()
+        registry.register(self)
+
+    def labels(self, value: str) -> None:
+        """Make the series of `value` exist (at zero)."""
+        with self._lock:
+            self._children.setdefault(value, (np.zeros(len(self._bounds), np.int64), [0.0]))
+
+    def observe_many(self, value: str, values: ArrayLike) -> None:
+        """Record every value of `values` under label `value`, in one vectorised pass."""
+        array = np.asarray(values, dtype=np.float64).ravel()
+        array = array[~np.isnan(array)]
+        if not len(array):
+            return
+        counts = np.bincount(
+            np.searchsorted(self._bounds, array, side="left"), minlength=len(self._bounds)
+        )
+        self.labels(value)
+        with self._lock:
+            child_counts, total = self._children[value]
+            child_counts += counts
+            total[0] += float(array.sum())
+
+    def describe(self) -> list[Metric]:
+        """The metric family without samples: how the registry learns the name."""
+        return [HistogramMetricFamily(self._name, self._documentation, labels=(self._label,))]
+
+    def collect(self) -> Iterable[Metric]:
+        """One histogram per label value, in one family."""
+        family = HistogramMetricFamily(self._name, self._documentation, labels=(self._label,))
+        with self._lock:
+            children = {k: (np.cumsum(c).tolist(), t[0]) for k, (c, t) in self._children.items()}
+        for value, (cumulative, total) in sorted(children.items()):
+            buckets = [
+                (_le(bound), count)
+                for bound, count in zip(self._bounds.tolist(), cumulative, strict=True)
+            ]
+            family.add_metric([value], buckets, total)
+        yield family
+
+
+class RolloutMetrics:
+    """A shadow model stepped beside the served one (`hiddenstate_shadow_*`), and what a
+    promotion restored (`pipeline.shadow`). The families exist always; their series once a
+    shadow is set (`set_shadow`)."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        p = PREFIX + "shadow_"
+        self.model = Info(
+            p + "model", "The shadow model stepped beside the served one.", registry=registry
+        )
+        self.predictions = Counter(
+            p + "predictions", "Prediction records of the shadow model produced.", registry=registry
+        )
+        self.abs_difference = LabelledBatchHistogram(
+            p + "abs_difference",
+            "Per event and output: the largest absolute difference between the shadow's and "
+            "the served model's values of that output.",
+            "output",
+            DIFFERENCE_BUCKETS,
+            registry,
+        )
+        self.argmax_agreements = Counter(
+            p + "argmax_agreements",
+            "Events whose shadow and served classification outputs have the same argmax "
+            "(divide by hiddenstate_shadow_abs_difference_count).",
+            ["output"],
+            registry=registry,
+        )
+        self.streams = Gauge(
+            p + "streams",
+            "Streams the shadow holds, by warmth: warm = seen from the stream's first event (or "
+            "last reset), cold = joined mid-stream.",
+            ["warmth"],
+            registry=registry,
+        )
+        self.inference_seconds = BatchHistogram(
+            p + "inference_seconds",
+            "Duration of one onnxruntime call of the shadow model (one wave).",
+            LATENCY_BUCKETS,
+            registry,
+        )
+        self.warmup_events = Counter(
+            p + "warmup_events",
+            "Past input events the shadow replayed to warm up streams it joined mid-stream.",
+            registry=registry,
+        )
+        self.restored_cold_streams = Counter(
+            PREFIX + "restored_cold_streams",
+            "Streams restored for the served model whose states missed the first events of "
+            "their stream (written while it was a shadow): counted at a promotion.",
+            registry=registry,
+        )
+
+    def set_shadow(
+        self,
+        spec: ModelSpec,
+        *,
+        device: str,
+        provider: str,
+        compared: Sequence[str],
+        argmax: Sequence[str],
+    ) -> None:
+        """Publish the shadow model and make its series exist: `compared` outputs (same
+        name and shape in both models), `argmax` those of them compared as classes."""
+        self.model.info(
+            {
+                "name": spec.name,
+                "version": spec.version,
+                "identity": spec.identity,
+                "task": spec.task,
+                "cell": spec.cell,
+                "device": device,
+                "provider": provider,
+            }
+        )
+        for output in compared:
+            self.abs_difference.labels(output)
+        for output in argmax:
+            self.argmax_agreements.labels(output)
+        for warmth in WARMTH:
+            self.streams.labels(warmth)

@@ -31,6 +31,7 @@ from pipeline.formats import Decoder, Encoder
 from pipeline.metrics import Metrics
 from pipeline.records import BatchResult, InputRecord, OutputRecord
 from pipeline.runtime import StepModel
+from pipeline.shadow import Shadow
 from pipeline.state_store import StateStore
 from pipeline.waves import plan_waves
 
@@ -46,7 +47,9 @@ class Processor:
 
     `clock` gives wall time in seconds (idle TTL, last-seen); `timer` a
     monotonic reading for the latencies (queued, inference). Both are there
-    so that tests can move time by hand.
+    so that tests can move time by hand. `shadow` is stepped on every wave after
+    `model` (`pipeline.shadow`); its store must be told of `store`'s evictions
+    (`make_processor` wires it).
     """
 
     def __init__(
@@ -62,8 +65,10 @@ class Processor:
         ttl_check_interval: float = 1.0,
         decoder: Decoder | None = None,
         encoder: Encoder | None = None,
+        shadow: Shadow | None = None,
     ) -> None:
         self.model = model
+        self.shadow = shadow
         self.store = store
         self.metrics = metrics if metrics is not None else Metrics(CollectorRegistry())
         spec = model.spec
@@ -106,14 +111,15 @@ class Processor:
                 self._log_bad(record, error, now)
         events = self._without_replays(events)
         waves = plan_waves([e.key for e in events], self._max_wave)
+        shadowed = result.shadow_predictions
         if len(waves) == 1:  # every stream once, in input order: the common case
-            result.predictions = self._step_wave(events, started, now)
+            result.predictions = self._step_wave(events, started, now, shadowed)
         elif waves:
             predictions: list[OutputRecord] = [_NO_PREDICTION] * len(events)
             for wave in waves:
                 wave_events = [events[i] for i in wave]
                 for i, prediction in zip(
-                    wave, self._step_wave(wave_events, started, now), strict=True
+                    wave, self._step_wave(wave_events, started, now, shadowed), strict=True
                 ):
                     predictions[i] = prediction
             result.predictions = predictions
@@ -122,9 +128,20 @@ class Processor:
         self._publish_store_size()
         return result
 
+    def drop_partition(self, partition: int) -> int:
+        """Forget the streams of a partition given up, the shadow's too (no tombstones: the
+        next owner restores them); returns how many the served model held."""
+        if self.shadow is not None:
+            self.shadow.drop_partition(partition)
+        return self.store.drop_partition(partition)
+
     def _publish_store_size(self) -> None:
         self.metrics.active_streams.set(len(self.store))
-        self.metrics.state_store_bytes.set(self.store.nbytes)
+        nbytes = self.store.nbytes
+        if self.shadow is not None:
+            nbytes += self.shadow.store.nbytes  # what memory is sized by: both models' states
+            self.shadow.publish(self._clock())
+        self.metrics.state_store_bytes.set(nbytes)
 
     def _without_replays(self, events: list[Event]) -> list[Event]:
         """Drop events the restored states already hold.
@@ -147,17 +164,21 @@ class Processor:
         return [e for e, done in zip(events, applied.tolist(), strict=True) if not done]
 
     def _step_wave(
-        self, events: Sequence[Event], batch_started: float, now: float
+        self,
+        events: Sequence[Event],
+        batch_started: float,
+        now: float,
+        shadowed: list[OutputRecord],
     ) -> list[OutputRecord]:
-        """One gather, one model step, one scatter for streams that are all distinct."""
+        """One gather, one model step, one scatter for streams that are all distinct; the
+        shadow's predictions of the wave are appended to `shadowed`."""
         store = self.store
         keys = [e.key for e in events]
-        slots = store.acquire(
-            keys,
-            [e.record.partition for e in events],
-            [e.record.offset for e in events],
-            now,
-        )
+        partitions = [e.record.partition for e in events]
+        offsets = [e.record.offset for e in events]
+        # Which streams the served model starts from zeros here: the shadow starts them so too.
+        held = None if self.shadow is None else store.held(keys)
+        slots = store.acquire(keys, partitions, offsets, now)
         for event in events:
             if event.reset:
                 store.reset(event.key)
@@ -172,7 +193,12 @@ class Processor:
         inference = self._timer() - wave_started
         store.scatter(slots, new_states)
         queued = wave_started - batch_started
-        records = self._encoder.encode_wave(events, outputs, store.steps(slots), queued, inference)
+        steps = store.steps(slots)
+        records = self._encoder.encode_wave(events, outputs, steps, queued, inference)
+        if self.shadow is not None and held is not None:
+            shadowed += self.shadow.step_wave(
+                events, x, partitions, offsets, outputs, steps, held, queued, now
+            )
         self.metrics.inference_seconds.observe(inference)
         self.metrics.wave_size.observe(len(events))
         self.metrics.queued_seconds.observe(queued, count=len(events))
@@ -210,14 +236,17 @@ def make_processor(
     clock: Callable[[], float] = time.time,
     decoder: Decoder | None = None,
     encoder: Encoder | None = None,
+    shadow: Shadow | None = None,
 ) -> Processor:
     """A processor and its state store, wired to `metrics`, from the serving config;
-    `decoder` and `encoder` from `pipeline.formats.open_formats` (default: JSON)."""
+    `decoder` and `encoder` from `pipeline.formats.open_formats` (default: JSON); `shadow`
+    (`pipeline.shadow.make_shadow`) forgets what the store evicts."""
     store = StateStore(
         model.spec.states,
         max_streams=config.store.max_streams,
         idle_ttl_seconds=config.store.idle_ttl_seconds,
         on_evict=metrics.count_eviction,
+        on_forget=None if shadow is None else shadow.forget,
     )
     return Processor(
         model,
@@ -228,4 +257,5 @@ def make_processor(
         clock=clock,
         decoder=decoder,
         encoder=encoder,
+        shadow=shadow,
     )

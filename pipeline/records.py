@@ -68,15 +68,20 @@ class BatchResult:
     offset order); `event_times_ms[i]` is the event time of `predictions[i]`, for
     the loop to observe end-to-end latency once the prediction is acknowledged.
     `next_offsets` maps `(topic, partition)` to the offset to commit once every
-    output of this batch is acknowledged (last offset seen + 1).
+    output of this batch is acknowledged (last offset seen + 1). `shadow_predictions`
+    are a shadow model's (`pipeline.shadow`), one per prediction, to its own topic.
     """
 
     predictions: list[OutputRecord] = field(default_factory=list)
     dead_letters: list[OutputRecord] = field(default_factory=list)
     event_times_ms: list[int] = field(default_factory=list)
     next_offsets: dict[tuple[str, int], int] = field(default_factory=dict)
+    shadow_predictions: list[OutputRecord] = field(default_factory=list)
 
     @property
     def outputs(self) -> list[OutputRecord]:
-        """Every record to produce: predictions, then dead letters."""
+        """Every record to produce: predictions, the shadow's, then dead letters. All go
+        out together (under exactly-once in the same transaction)."""
+        if self.shadow_predictions:
+            return self.predictions + self.shadow_predictions + self.dead_letters
         return self.predictions + self.dead_letters

@@ -16,23 +16,28 @@ import os
 import signal
 import socket
 import time
+from dataclasses import replace
 from types import FrameType
 
 from prometheus_client import CollectorRegistry
 
 from pipeline import changelog, logs
-from pipeline.config import ServeConfig, load_config
+from pipeline.codec import PredictionEncoder
+from pipeline.config import ServeConfig, load_config, name_only_changelog
 from pipeline.delivery import Changes, CheckpointSchedule, Committer
 from pipeline.delivery.at_least_once import AtLeastOnce
 from pipeline.delivery.exactly_once import ExactlyOnce
-from pipeline.formats import open_formats
+from pipeline.errors import ConfigError, HiddenstateError, KafkaSetupError
+from pipeline.formats import Encoder, open_formats
 from pipeline.health import HealthServer, LoopState
 from pipeline.live import Live, ensure_labels_topics
 from pipeline.loop import LoopSettings, ServeLoop
 from pipeline.metrics import Metrics
 from pipeline.pause import PauseWatch
 from pipeline.processor import make_processor
+from pipeline.rollout import Checkpoints, KafkaInputHistory
 from pipeline.runtime import OrtStepModel
+from pipeline.shadow import Shadow, check_shadow, make_shadow
 from pipeline.streams_api import HEADERS
 from pipeline.streams_server import StreamsServer
 from pipeline.transport import (
@@ -110,24 +115,110 @@ def make_committer(
     return AtLeastOnce(outputs, states, changes, schedule, metrics, health.beat)
 
 
-def check_topics(config: ServeConfig, changelog_topic: str) -> int:
+def check_topics(
+    config: ServeConfig,
+    changelog_topic: str,
+    shadow_topics: tuple[str, str] | None = None,
+    model_name: str = "",
+) -> int:
     """Fail unless the input topic exists; create output and dead-letter topics like
-    it, and the changelog co-partitioned with it. Returns the partition count."""
+    it, and the changelog co-partitioned with it; likewise the shadow's output and
+    changelog topics (`shadow_topics`). Returns the partition count."""
     topics = Topics(config.kafka.client_kwargs())
     try:
         partitions = topics.require(config.topics.input_topic, "--input-topic")
         topics.ensure(config.topics.output_topic, partitions)
         topics.ensure(config.topics.dead_letter_topic, partitions)
+        if model_name and not config.topics.changelog_topic:
+            _warn_of_a_name_only_changelog(topics, config, changelog_topic, model_name)
         changelog.ensure_topic(topics, changelog_topic, partitions)
         if config.online.labels_topic:
             ensure_labels_topics(topics, config.online, partitions)
+        if shadow_topics is not None:
+            output, shadow_changelog = shadow_topics
+            count = topics.ensure(output, partitions)
+            if count != partitions:
+                raise KafkaSetupError(
+                    f"shadow output topic {output!r} has {count} partitions, the input topic "
+                    f"{partitions}: the shadow's prediction of an event of input partition p "
+                    "goes to its partition p. Give it as many partitions, or name another "
+                    "with --shadow-output-topic"
+                )
+            changelog.ensure_topic(topics, shadow_changelog, partitions)
         return partitions
     finally:
         topics.close()
 
 
+def _warn_of_a_name_only_changelog(
+    topics: Topics, config: ServeConfig, changelog_topic: str, model_name: str
+) -> None:
+    """hiddenstate 0.1 named the changelog after the model name alone: a server upgraded
+    from it would start every stream from zeros without a word."""
+    old = name_only_changelog(config.topics.input_topic, model_name)
+    if topics.partitions(changelog_topic) is None and topics.partitions(old) is not None:
+        log.warning(
+            "the states in %s (named after the model name alone, as hiddenstate 0.1 did) are "
+            "not used: each model identity now has a changelog of its own, %s, which starts "
+            "empty. To keep serving from them, pass --changelog-topic %s",
+            old,
+            changelog_topic,
+            old,
+        )
+
+
+def load_shadow(config: ServeConfig, model: OrtStepModel) -> OrtStepModel | None:
+    """The `--shadow-model` in a session like the served model's, checked against it;
+    None without one."""
+    path = config.rollout.shadow_model
+    if not path:
+        return None
+    shadow = OrtStepModel(
+        path,
+        device=config.runtime.device,
+        intra_op_threads=config.runtime.intra_op_threads,
+        inter_op_threads=config.runtime.inter_op_threads,
+        spinning=config.runtime.spinning,
+    )
+    check_shadow(model.spec, shadow.spec, config.runtime.model, path)
+    return shadow
+
+
+class StopRequest:
+    """SIGTERM and SIGINT from the first moment: a stop asked for during start-up lets the
+    start finish and then stops the loop before its first poll (exit 0, nothing served),
+    instead of the signal's default end halfway through; a second signal ends the process
+    at once."""
+
+    def __init__(self) -> None:
+        self.asked = False
+        self._loop: ServeLoop | None = None
+        self._watchdog: Watchdog | None = None
+        signal.signal(signal.SIGTERM, self._request)
+        signal.signal(signal.SIGINT, self._request)
+
+    def attach(self, loop: ServeLoop, watchdog: Watchdog) -> None:
+        """The loop to stop from now on (at once, if a stop was asked for already)."""
+        self._loop, self._watchdog = loop, watchdog
+        if self.asked:
+            loop.stop()
+            watchdog.stopping()
+
+    def _request(self, signum: int, frame: FrameType | None) -> None:
+        name = signal.Signals(signum).name
+        if self.asked:
+            log.warning("%s again: exiting at once, uncommitted", name)
+            os._exit(128 + signum)
+        self.asked = True
+        log.info("%s: finishing the batch in hand, then stopping", name)
+        if self._loop is not None and self._watchdog is not None:
+            self._loop.stop()
+            self._watchdog.stopping()
+
+
 def run(config: ServeConfig) -> None:
     """Serve until SIGTERM/SIGINT. Raises `HiddenstateError` for start-up failures."""
+    stop = StopRequest()
     transport = open_transport(config.kafka)  # a missing client library fails first
     log.info(
         "Kafka client %s (%s)", transport.name, choose_transport(config.kafka.transport).reason
@@ -142,10 +233,22 @@ def run(config: ServeConfig) -> None:
         model.spec.state_bytes,
         model.provider,
     )
+    shadow_model = load_shadow(config, model)
     # Registry formats check the input schema and register the output schema now.
     decoder, encoder = open_formats(config, model.spec)
-    changelog_topic = config.topics.changelog_for(model.spec.name)
-    partitions = check_topics(config, changelog_topic)
+    changelog_topic = config.topics.changelog_for(model.spec)
+    shadow_topics = None
+    if shadow_model is not None:
+        shadow_topics = (
+            config.rollout.shadow_output_topic,
+            config.rollout.shadow_changelog_for(config.topics.input_topic, shadow_model.spec),
+        )
+        if shadow_topics[1] == changelog_topic:
+            raise ConfigError(
+                f"--shadow-changelog-topic and --changelog-topic: both are {changelog_topic!r}; "
+                "each model needs a changelog of its own"
+            )
+    partitions = check_topics(config, changelog_topic, shadow_topics, model.spec.name)
     log.info(
         "input topic %s has %d partitions; states checkpointed to %s; Kafka client %s",
         config.topics.input_topic,
@@ -160,15 +263,37 @@ def run(config: ServeConfig) -> None:
     )
     health = LoopState(config.observability.liveness_timeout_seconds)
     live = Live(config, model.spec, metrics)  # --labels-topic, --streams-api
+    shadow = None
+    if shadow_model is not None and shadow_topics is not None:
+        shadow = open_shadow(config, model, shadow_model, metrics, shadow_topics[1])
+        live.judge_shadow(shadow)  # with --labels-topic, its predictions are judged too
     processor = make_processor(
-        model, config, metrics, decoder=decoder, encoder=live.encoder(encoder)
+        model, config, metrics, decoder=decoder, encoder=live.encoder(encoder), shadow=shadow
     )
     served = live.processor(processor, transport)
     reader = transport.changelog_reader(
         max(RESTORE_STALL_TIMEOUT_S, 2 * transaction_timeout_s(config))
     )
-    states = changelog.Changelog(changelog_topic, model.spec, processor.store, metrics, reader)
-    exactly_once = config.delivery.guarantee == "exactly-once"
+    primary = changelog.Changelog(changelog_topic, model.spec, processor.store, metrics, reader)
+    history = None
+    if shadow is not None and config.rollout.shadow_warmup_events:
+        # read_committed, as the source reads: the events the served model stepped.
+        history = KafkaInputHistory(
+            config.kafka.client_kwargs(), config.topics.input_topic, read_committed=True
+        )
+    states = Checkpoints(
+        primary,
+        processor.store,
+        config.rollout,
+        metrics.rollout,
+        identity=model.spec.identity,
+        shadow=shadow,
+        shadow_changelog=None
+        if shadow is None or shadow_topics is None
+        else changelog.Changelog(shadow_topics[1], shadow.spec, shadow.store, metrics, reader),
+        history=history,
+        decoder=decoder,
+    )
 
     @live.following
     def make_source(
@@ -179,7 +304,10 @@ def run(config: ServeConfig) -> None:
             on_assigned,
             on_revoked,
             on_lost,
-            read_committed=exactly_once,
+            # Both guarantees: aborted input is never served, and the committed offsets a
+            # rewind reads back are the stable ones (OffsetFetch with require_stable,
+            # KIP-447), not those of before a transaction's markers were written.
+            read_committed=True,
         )
 
     streams = live.streams_app(partitions, served)
@@ -215,18 +343,7 @@ def run(config: ServeConfig) -> None:
             timeout_s=config.observability.liveness_timeout_seconds + TRANSACTION_CALL_TIMEOUT_S,
             stop_timeout_s=DELIVERY_TIMEOUT_S + TRANSACTION_CALL_TIMEOUT_S,
         )
-
-        def request_stop(signum: int, frame: FrameType | None) -> None:
-            name = signal.Signals(signum).name
-            if loop.stopping:
-                log.warning("%s again: exiting at once, uncommitted", name)
-                os._exit(128 + signum)
-            log.info("%s: finishing the batch in hand, then stopping", name)
-            loop.stop()
-            watchdog.stopping()
-
-        signal.signal(signal.SIGTERM, request_stop)
-        signal.signal(signal.SIGINT, request_stop)
+        stop.attach(loop, watchdog)
         # Everything built so far (modules, the model, the clients) lives as long as the
         # process: move it out of the garbage collector's sight. Otherwise each full
         # collection walks all of it, a 25-35 ms stop of the loop on the benchmark
@@ -235,14 +352,62 @@ def run(config: ServeConfig) -> None:
         watchdog.start()
         try:
             loop.run()
+        except Exception as error:
+            # kafka-python raises what a rebalance callback raised (a restore that stalled,
+            # a promotion refused) as the cause of a KafkaError of its own: report ours.
+            cause = error.__cause__
+            if isinstance(cause, HiddenstateError) and not isinstance(error, HiddenstateError):
+                raise cause from None
+            raise
         finally:
             watchdog.close()
     finally:
+        if history is not None:
+            history.close()
         pause.stop()
         live.close()
         if apart is not None:
             apart.stop()
         server.stop()
+
+
+def open_shadow(
+    config: ServeConfig,
+    model: OrtStepModel,
+    shadow_model: OrtStepModel,
+    metrics: Metrics,
+    changelog_topic: str,
+) -> Shadow:
+    """The shadow beside `model`: its predictions in the configured output format (a
+    registry format registers the shadow's schema under its own topic) to
+    `--shadow-output-topic`."""
+    topic = config.rollout.shadow_output_topic
+    encoder: Encoder = PredictionEncoder(shadow_model.spec, topic, by_source_partition=True)
+    if config.formats.output_format != "json":
+        shadow_config = replace(config, topics=replace(config.topics, output_topic=topic))
+        _, encoder = open_formats(shadow_config, shadow_model.spec)
+    shadow = make_shadow(
+        shadow_model,
+        model.spec,
+        config,
+        metrics.rollout,
+        encoder,
+        device=shadow_model.device,
+        provider=shadow_model.provider,
+    )
+    log.info(
+        "shadow model %s (%s, %d state bytes per stream) beside %s: predictions to %s, states "
+        "to %s; outputs compared: %s%s",
+        shadow_model.spec.identity,
+        shadow_model.spec.task,
+        shadow_model.spec.state_bytes,
+        model.spec.identity,
+        config.rollout.shadow_output_topic,
+        changelog_topic,
+        ", ".join(shadow.comparison.outputs) or "none",
+        f" (argmax of {', '.join(shadow.comparison.argmax)})" if shadow.comparison.argmax else "",
+    )
+    return shadow
 
 
 def main(argv: list[str]) -> int:

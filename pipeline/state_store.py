@@ -9,7 +9,9 @@ per stream must be the state bytes plus a small constant):
 - a dict stream key -> slot, and a list slot -> key;
 - per-slot columns in numpy arrays, not per-stream Python objects: step count,
   last-seen time (idle TTL), last-used tick (LRU), source partition, last
-  offset, dirty flag;
+  offset, dirty flag, and the events of the stream the state missed (a shadow
+  model that joined the stream mid-way: `pipeline.shadow`; 0 for a state that
+  has seen every event since the stream started or was last reset);
 - a free list of slots; capacity doubles when full, up to `max_streams`; at
   the cap the least recently used streams are evicted, in one numpy
   `argpartition` per call rather than a linked list per stream.
@@ -31,7 +33,7 @@ call, i.e. per wave.
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from dataclasses import dataclass
 from itertools import repeat
 from typing import cast
@@ -55,6 +57,14 @@ class Rows:
     offsets: NDArray[np.int64]
     steps: NDArray[np.int64]
     states: tuple[NDArray[np.float32], ...]  # one [len(keys), *shape] array per state tensor
+    # Events of each stream its state never saw (0: warm; see the module docstring).
+    missed: NDArray[np.int64] | None = None
+
+    def missed_or_zeros(self) -> NDArray[np.int64]:
+        """`missed`, or zeros when it was not given."""
+        if self.missed is None:
+            return np.zeros(len(self.keys), dtype=np.int64)
+        return self.missed
 
 
 @dataclass(frozen=True)
@@ -78,6 +88,7 @@ class Snapshot:
     offset: int
     step: int
     states: tuple[NDArray[np.float32], ...]
+    missed: int = 0
 
 
 class StateStore:
@@ -85,6 +96,9 @@ class StateStore:
 
     `on_evict(cause, count)` is called after evictions, `cause` being "lru" or
     "ttl": the processor counts them in `hiddenstate_evictions_total`.
+    `on_forget(keys)` is called with the keys of the streams evicted (not of those
+    dropped with a partition): a shadow's store forgets the same streams
+    (`pipeline.shadow`), so that both models start them afresh together.
     """
 
     def __init__(
@@ -95,6 +109,7 @@ class StateStore:
         idle_ttl_seconds: float = 0.0,
         initial_capacity: int = 1024,
         on_evict: Callable[[str, int], None] | None = None,
+        on_forget: Callable[[list[bytes]], None] | None = None,
     ) -> None:
         if max_streams < 1:
             raise ValueError(f"max_streams must be >= 1, got {max_streams}")
@@ -102,6 +117,7 @@ class StateStore:
         self._max_streams = max_streams
         self._ttl = idle_ttl_seconds
         self._on_evict = on_evict
+        self._on_forget = on_forget
         capacity = max(1, min(initial_capacity, max_streams))
         self._slabs = [np.zeros((capacity, *s.shape), dtype=np.float32) for s in self._specs]
         self._keys: list[bytes | None] = [None] * capacity
@@ -111,6 +127,7 @@ class StateStore:
         self._partition = np.full(capacity, -1, dtype=np.int32)
         self._offset = np.full(capacity, -1, dtype=np.int64)
         self._dirty = np.zeros(capacity, dtype=np.bool_)
+        self._missed = np.zeros(capacity, dtype=np.int64)
         self._index: dict[bytes, int] = {}
         self._free: list[int] = []
         self._high_water = 0  # slots [0, high_water) have been handed out at least once
@@ -125,6 +142,10 @@ class StateStore:
 
     def __contains__(self, key: object) -> bool:
         return key in self._index
+
+    def held(self, keys: Sequence[bytes]) -> NDArray[np.bool_]:
+        """For each key, whether its stream is held now."""
+        return np.fromiter(map(self._index.__contains__, keys), dtype=np.bool_, count=len(keys))
 
     def keys(self) -> Iterator[bytes]:
         """The stream keys held now."""
@@ -150,6 +171,7 @@ class StateStore:
             self._partition,
             self._offset,
             self._dirty,
+            self._missed,
         )
         return sum(s.nbytes for s in self._slabs) + sum(c.nbytes for c in columns)
 
@@ -221,6 +243,22 @@ class StateStore:
         """Steps taken by each of `slots` since it started (or was reset)."""
         return self._steps[slots]
 
+    def missed(self, slots: Slots) -> NDArray[np.int64]:
+        """Events of each of `slots`' stream that its state never saw (0: warm)."""
+        return self._missed[slots]
+
+    def set_missed(self, slots: Slots, missed: ArrayLike) -> None:
+        """Record how many events of each of `slots`' stream its state never saw."""
+        with self.lock:
+            self._missed[slots] = missed
+
+    def reset_slots(self, slots: Slots) -> None:
+        """Zero the states, step counts and missed counts of `slots`, marked dirty: the
+        streams start afresh, as `reset` does for one."""
+        with self.lock:
+            self._clear(slots)
+            self._dirty[slots] = True
+
     # ------------------------------------------------------------------ per stream
 
     def reset(self, key: bytes) -> bool:
@@ -278,6 +316,7 @@ class StateStore:
             [snapshot.step],
             [array[np.newaxis] for array in snapshot.states],
             now,
+            missed=[snapshot.missed],
         )
 
     def restore_many(
@@ -288,10 +327,12 @@ class StateStore:
         steps: ArrayLike,
         states: Sequence[NDArray[np.float32]],
         now: float,
+        missed: ArrayLike | None = None,
     ) -> None:
         """Put many streams back at once (a changelog restore): `states[i]` is
-        `[len(keys), *shape]` for state tensor i. Keys must be distinct. Restored
-        streams are not dirty: the changelog already holds them."""
+        `[len(keys), *shape]` for state tensor i, `missed[i]` the events stream i's
+        state never saw (default 0). Keys must be distinct. Restored streams are not
+        dirty: the changelog already holds them."""
         for spec, array in zip(self._specs, states, strict=True):
             if array.shape[1:] != spec.shape or len(array) != len(keys):
                 raise ValueError(
@@ -301,6 +342,11 @@ class StateStore:
         partitions = np.asarray(partitions, dtype=np.int32)
         offsets = np.asarray(offsets, dtype=np.int64)
         steps = np.asarray(steps, dtype=np.int64)
+        missing = (
+            np.zeros(len(keys), dtype=np.int64)
+            if missed is None
+            else np.asarray(missed, dtype=np.int64)
+        )
         # At most max_streams per acquire: a restore larger than the cap keeps the
         # last streams read, like the LRU order of a live run would.
         chunk = self._max_streams
@@ -311,6 +357,7 @@ class StateStore:
                 for slab, array in zip(self._slabs, states, strict=True):
                     slab[slots] = array[part]
                 self._steps[slots] = steps[part]
+                self._missed[slots] = missing[part]
                 self._dirty[slots] = False
 
     def already_applied(
@@ -340,9 +387,11 @@ class StateStore:
             hw = self._high_water
             idle = (self._last_used[:hw] != _FREE) & (self._last_seen[:hw] < now - self._ttl)
             victims = np.flatnonzero(idle)
-            self._remove(victims, tombstone=True)
+            forgotten = self._remove(victims, tombstone=True)
         if len(victims) and self._on_evict is not None:
             self._on_evict("ttl", len(victims))
+        if forgotten and self._on_forget is not None:
+            self._on_forget(forgotten)
         return len(victims)
 
     def drop_partition(self, partition: int) -> int:
@@ -356,6 +405,51 @@ class StateStore:
             self._tombstones = {k: p for k, p in self._tombstones.items() if p != partition}
             return len(victims)
 
+    def forget(self, keys: Sequence[bytes]) -> int:
+        """Forget the streams of `keys` that are held (tombstones queued), as an eviction
+        would, without calling `on_evict` or `on_forget`; returns how many there were."""
+        with self.lock:
+            index = self._index
+            slots = np.fromiter((index[k] for k in keys if k in index), dtype=np.int64, count=-1)
+            self._remove(slots, tombstone=True)
+            return len(slots)
+
+    def rows(self, partitions: Collection[int], *, with_states: bool = True) -> Rows:
+        """Copies of the streams read from `partitions`, as columns (nothing changes:
+        unlike `drain_dirty_rows`, no stream is marked clean). Without `with_states`, the
+        states are left out (`states` is empty): only the columns are copied."""
+        slots = self._slots_of(partitions)
+        keys = self._keys
+        return Rows(
+            keys=[cast(bytes, keys[slot]) for slot in slots.tolist()],  # used slots hold a key
+            partitions=self._partition[slots],
+            offsets=self._offset[slots],
+            steps=self._steps[slots],
+            states=tuple(slab[slots] for slab in self._slabs) if with_states else (),
+            missed=self._missed[slots],
+        )
+
+    def count_cold(self, partitions: Collection[int] | None = None) -> tuple[int, int]:
+        """(streams whose state missed events, streams) among those read from `partitions`
+        (None: every stream held)."""
+        if partitions is None:
+            hw = self._high_water
+            used = self._last_used[:hw] != _FREE
+            return int(np.count_nonzero(self._missed[:hw][used])), int(np.count_nonzero(used))
+        slots = self._slots_of(partitions)
+        return int(np.count_nonzero(self._missed[slots])), len(slots)
+
+    def accept_missed(self, partitions: Collection[int]) -> int:
+        """Stop counting the streams of `partitions` as having missed events, and mark
+        them dirty so that their next snapshots say so too; returns how many there were.
+        (A promotion that accepted them: `pipeline.shadow`.)"""
+        with self.lock:
+            slots = self._slots_of(partitions)
+            cold = slots[self._missed[slots] > 0]
+            self._missed[cold] = 0
+            self._dirty[cold] = True
+            return len(cold)
+
     def drain_dirty_rows(self) -> Rows:
         """The streams changed since the last drain, as columns; they are clean afterwards."""
         slots = np.flatnonzero(self._dirty[: self._high_water])
@@ -367,11 +461,13 @@ class StateStore:
             offsets=self._offset[slots],
             steps=self._steps[slots],
             states=tuple(slab[slots] for slab in self._slabs),
+            missed=self._missed[slots],
         )
 
     def drain_dirty(self) -> list[Snapshot]:
         """Snapshots of the streams changed since the last drain; they are clean afterwards."""
         rows = self.drain_dirty_rows()
+        missed = rows.missed_or_zeros()
         return [
             Snapshot(
                 key=key,
@@ -379,6 +475,7 @@ class StateStore:
                 offset=int(rows.offsets[i]),
                 step=int(rows.steps[i]),
                 states=tuple(state[i] for state in rows.states),
+                missed=int(missed[i]),
             )
             for i, key in enumerate(rows.keys)
         ]
@@ -400,12 +497,22 @@ class StateStore:
             offset=int(self._offset[slot]),
             step=int(self._steps[slot]),
             states=tuple(slab[slot].copy() for slab in self._slabs),
+            missed=int(self._missed[slot]),
         )
+
+    def _slots_of(self, partitions: Collection[int]) -> Slots:
+        """The used slots of streams read from `partitions`."""
+        hw = self._high_water
+        used = (self._last_used[:hw] != _FREE) & np.isin(
+            self._partition[:hw], np.fromiter(partitions, dtype=np.int32)
+        )
+        return np.flatnonzero(used).astype(np.int64)
 
     def _clear(self, slots: Slots) -> None:
         for slab in self._slabs:
             slab[slots] = 0.0
         self._steps[slots] = 0
+        self._missed[slots] = 0
         self._dirty[slots] = False
 
     def _take_slots(self, count: int) -> list[int]:
@@ -444,6 +551,7 @@ class StateStore:
         self._partition = np.concatenate([self._partition, np.full(extra, -1, dtype=np.int32)])
         self._offset = np.concatenate([self._offset, np.full(extra, -1, dtype=np.int64)])
         self._dirty = np.concatenate([self._dirty, np.zeros(extra, dtype=np.bool_)])
+        self._missed = np.concatenate([self._missed, np.zeros(extra, dtype=np.int64)])
 
     def _evict_lru(self, count: int) -> None:
         used = self._last_used[: self._high_water]
@@ -454,11 +562,15 @@ class StateStore:
             raise ValueError(
                 "cannot evict a stream of the current call: the call exceeds max_streams"
             )
-        self._remove(victims.astype(np.int64), tombstone=True)
+        forgotten = self._remove(victims.astype(np.int64), tombstone=True)
         if self._on_evict is not None:
             self._on_evict("lru", count)
+        if forgotten and self._on_forget is not None:
+            self._on_forget(forgotten)
 
-    def _remove(self, slots: Slots, *, tombstone: bool) -> None:
+    def _remove(self, slots: Slots, *, tombstone: bool) -> list[bytes]:
+        """Free `slots`; returns the keys they held."""
+        removed = []
         for slot in slots.tolist():
             key = self._keys[slot]
             if key is None:
@@ -468,6 +580,8 @@ class StateStore:
                 self._tombstones[key] = int(self._partition[slot])
             self._keys[slot] = None
             self._free.append(slot)
+            removed.append(key)
         self._last_used[slots] = _FREE
         self._partition[slots] = -1
         self._dirty[slots] = False
+        return removed

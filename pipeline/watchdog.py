@@ -68,10 +68,11 @@ class Watchdog:
 
     def check(self) -> str:
         """Why the process must end now, or "" (the thread calls this every interval)."""
-        live, why = self._health.live()
-        if not live:
+        _, why = self._health.live()
+        still = why["last_beat_seconds_ago"]
+        if still > self._timeout_s:
             return (
-                f"the serving loop has not turned for {why['last_beat_seconds_ago']:.0f} s "
+                f"the serving loop has not turned for {still:.0f} s "
                 f"(bound {self._timeout_s:.0f} s): a call that should have returned did not"
             )
         if self._stop_asked is not None:

@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import hashlib
 import itertools
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -49,9 +49,10 @@ from pipeline.errors import (
 )
 from pipeline.records import InputRecord, OutputRecord
 from pipeline.testing.records import ManualClock
-from pipeline.transport.base import Latest, Offsets, RebalanceCallback
+from pipeline.transport.base import Latest, Offsets, RebalanceCallback, not_a_member
 
 PLAIN, PENDING, COMMITTED, ABORTED = "plain", "pending", "committed", "aborted"
+HEARTBEAT_S = 3.0  # both clients' default heartbeat interval
 
 
 @dataclass
@@ -105,6 +106,8 @@ class FakeKafka:
         self._epochs: dict[str, int] = {}
         # transactional id -> (when its open transaction began, its timeout)
         self._open: dict[str, tuple[float, float]] = {}
+        # member id -> when the coordinator dropped it (it learns at its next heartbeat)
+        self._evicted: dict[str, float] = {}
         self._ids = itertools.count()
 
     # -- topics -----------------------------------------------------------------------
@@ -181,7 +184,17 @@ class FakeKafka:
                     member.last_heartbeat = now
                 elif now - member.last_heartbeat >= self.session_timeout_s:
                     self._leave(group, member.member_id)
+                    self._evicted[member.member_id] = now
                     self.journal.append(("evicted", member.member_id))
+
+    def evict(self, group_id: str, member_id: str) -> None:
+        """The coordinator drops a member (an admin's LeaveGroup on its behalf, or its
+        session expiring): it learns at its next poll, as `lost`."""
+        group = self._group(group_id)
+        if member_id in group.members:
+            self._leave(group, member_id)
+            self._evicted[member_id] = self.clock()
+            self.journal.append(("evicted", member_id))
 
     def _group(self, group_id: str) -> _Group:
         return self.groups.setdefault(group_id, _Group())
@@ -257,7 +270,7 @@ class FakeTransport:
         return FakeTransactionalSink(self.kafka, transactional_id, transaction_timeout_s)
 
     def changelog_reader(self, stall_timeout_s: float) -> FakeChangelogReader:
-        return FakeChangelogReader(self.kafka)
+        return FakeChangelogReader(self.kafka, stall_timeout_s)
 
 
 class FakeSource:
@@ -283,6 +296,8 @@ class FakeSource:
         self._generation = self._group.generation
         self.owned: set[int] = set()
         self._positions: dict[int, int] = {}
+        self._paused = False
+        self._running_since = self._kafka.clock()
         self.closed = False
 
     # -- what tests do to a member ----------------------------------------------------
@@ -290,9 +305,13 @@ class FakeSource:
     def pause(self) -> None:
         """The process stands still: no more heartbeats (SIGSTOP)."""
         self._kafka._group(self._group_id).members[self.member_id].paused = True
+        self._paused = True
 
     def resume(self) -> None:
-        """The process runs again (SIGCONT); if it was evicted, it learns at its next poll."""
+        """The process runs again (SIGCONT); if it was evicted, its next heartbeat, a
+        heartbeat interval later, or its next poll tells it."""
+        self._paused = False
+        self._running_since = self._kafka.clock()
         member = self._group.members.get(self.member_id)
         if member is not None:
             member.paused = False
@@ -339,6 +358,14 @@ class FakeSource:
         return {p: len(self._kafka.topics[self._topic][p]) - self._positions[p] for p in self.owned}
 
     def group_metadata(self) -> FakeGroupMetadata:
+        evicted_at = self._kafka._evicted.get(self.member_id)
+        # A heartbeat since both the eviction and the resume: the client knows.
+        if (
+            evicted_at is not None
+            and not self._paused
+            and self._kafka.clock() - max(evicted_at, self._running_since) >= HEARTBEAT_S
+        ):
+            raise TransactionAbortedError(not_a_member(self._group_id))
         return FakeGroupMetadata(self._group_id, self._generation, self.member_id)
 
     def close(self) -> None:
@@ -502,10 +529,13 @@ class FakeTransactionalSink(FakeSink):
 
 
 class FakeChangelogReader:
-    """`ChangelogReader` over a `FakeKafka` (`read_committed`)."""
+    """`ChangelogReader` over a `FakeKafka` (`read_committed`). Like the real readers, it
+    waits for a transaction open before the end: here, time passes on the fake clock (in
+    half seconds) until the coordinator aborts it at its timeout, or the stall bound."""
 
-    def __init__(self, kafka: FakeKafka) -> None:
+    def __init__(self, kafka: FakeKafka, stall_timeout_s: float = 120.0) -> None:
         self._kafka = kafka
+        self._stall_timeout_s = stall_timeout_s
 
     def read_latest(
         self, topic: str, partitions: list[int], remaining: Callable[[int], None]
@@ -514,12 +544,17 @@ class FakeChangelogReader:
         if topic not in kafka.topics:
             remaining(0)
             return {}, 0
-        for partition in partitions:
-            if kafka.last_stable_offset(topic, partition) < len(kafka.topics[topic][partition]):
-                # The real readers wait for it; nothing here would ever end it.
+        waited = 0.0
+        while any(
+            kafka.last_stable_offset(topic, p) < len(kafka.topics[topic][p]) for p in partitions
+        ):
+            if waited >= self._stall_timeout_s:
                 raise RestoreStalledError(
-                    f"{topic}[{partition}] holds an open transaction that nothing ends"
+                    f"restoring from {topic}: an open transaction held it for {waited:.0f} s"
                 )
+            remaining(sum(len(kafka.topics[topic][p]) for p in partitions))
+            kafka.advance(0.5)
+            waited += 0.5
         latest: Latest = {}
         read = 0
         for partition in partitions:
@@ -529,11 +564,3 @@ class FakeChangelogReader:
         remaining(0)
         kafka.journal.append(("restore", list(partitions)))
         return latest, read
-
-
-def by_partition(records: Sequence[tuple[int, FakeRecord]]) -> Mapping[int, list[FakeRecord]]:
-    """Records of `FakeKafka.records` grouped by partition."""
-    grouped: dict[int, list[FakeRecord]] = {}
-    for partition, record in records:
-        grouped.setdefault(partition, []).append(record)
-    return grouped

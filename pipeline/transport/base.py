@@ -72,7 +72,9 @@ class Source(Protocol):
     def group_metadata(self) -> Any:
         """The member's group identity (group, generation, member id) for offsets sent
         inside a transaction: the broker refuses them from a member that is no longer in
-        that generation (KIP-447), which is what fences a member that was evicted."""
+        that generation (KIP-447), which is what fences a member that was evicted.
+        `TransactionAbortedError` once the client knows the member is gone (it reset its
+        generation to -1, which the broker would accept from a transaction)."""
 
     def close(self) -> None:
         """Revoke what is held (the callback runs), leave the group (a static member keeps
@@ -114,10 +116,11 @@ class TransactionalSink(Sink, Protocol):
 
     def abort(self) -> None:
         """End the open transaction (if any) with nothing of it visible, so that its state
-        is known again: abort it or, when the client cannot (after a timeout), replace the
-        producer by one with the same transactional id, whose start resolves the old
-        transaction. `TransactionTimeoutError` if even that does not finish in time;
-        `FencedError` as in `commit`."""
+        is known again: abort it, then replace the producer by one with the same
+        transactional id, whose start resolves what an abort could not (after a commit
+        timed out, the abort is not tried). `TransactionTimeoutError` if that does not
+        finish in time: call again (each call waits one bound at most); `FencedError` when
+        fenced too often (two live servers with one id)."""
 
 
 RebalanceCallback = Callable[[list[int]], None]
@@ -234,6 +237,14 @@ def fenced(transactional_id: str) -> str:
         f"another producer with transactional id {transactional_id!r} took over (two servers "
         "with the same --instance-id, or the broker aborted a transaction that outlived "
         "its timeout)"
+    )
+
+
+def not_a_member(group_id: str) -> str:
+    """What to say when a member asked for its group metadata is no longer in the group."""
+    return (
+        f"this member is no longer in consumer group {group_id!r} (its session expired or it "
+        "was removed): nothing it served since its last commit may be committed"
     )
 
 

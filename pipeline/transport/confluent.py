@@ -32,6 +32,7 @@ How the loop's contract (`pipeline.transport`) maps onto it:
 from __future__ import annotations
 
 import logging
+import struct
 import time
 from collections.abc import Callable, Sequence
 from typing import Any, cast
@@ -69,6 +70,7 @@ from pipeline.transport.base import (
     RebalanceCallback,
     StallWatch,
     fenced,
+    not_a_member,
     unauthorized,
 )
 
@@ -190,6 +192,7 @@ class ConfluentSource:
             }
         )
         self._callbacks = {"assigned": on_assigned, "revoked": on_revoked, "lost": on_lost}
+        self._group_id = str(config.get("group.id", ""))
         self._topic = topic
         self._reset_to = (
             OFFSET_BEGINNING if config.get("auto.offset.reset") == "earliest" else OFFSET_END
@@ -277,7 +280,13 @@ class ConfluentSource:
         return lags
 
     def group_metadata(self) -> Any:
-        return self._consumer.consumer_group_metadata()
+        metadata = self._consumer.consumer_group_metadata()
+        if _generation(metadata) < 0:
+            # librdkafka reset the member (its heartbeat heard it is gone); the broker
+            # would take a transactional commit of generation -1 (KIP-447 leaves that
+            # open for producers of before it): it must not be made.
+            raise TransactionAbortedError(not_a_member(self._group_id))
+        return metadata
 
     def close(self) -> None:
         # Runs the revocation callback of the last assignment before leaving.
@@ -399,6 +408,7 @@ class ConfluentTransactionalSink(ConfluentSink):
         )
         self._open = False
         self._ready = False
+        self._uncertain = False
         self._init()
 
     def _init(self) -> None:
@@ -441,6 +451,7 @@ class ConfluentTransactionalSink(ConfluentSink):
                 raise TransactionAbortedError(
                     f"the broker refused the commit: {error.str()}"
                 ) from exc
+            self._uncertain = True  # no abort can be trusted to end it: a new producer will
             raise TransactionTimeoutError(
                 f"committing transaction {self._id!r} did not finish: {error.str()}"
             ) from exc
@@ -451,12 +462,16 @@ class ConfluentTransactionalSink(ConfluentSink):
         if not self._open and self._ready:
             return
         self._open = False
-        if self._ready:
+        if self._ready and not self._uncertain:
             try:
                 self._producer.abort_transaction(TRANSACTION_CALL_TIMEOUT_S)
             except KafkaException as exc:
-                log.warning("transaction of %s not aborted: %s", self._id, exc.args[0].str())
-            self._ready = False
+                self._ready = False  # the next call starts a new producer first
+                raise TransactionTimeoutError(
+                    f"aborting transaction {self._id!r}: {exc.args[0].str()}"
+                ) from exc
+        self._ready = False
+        self._uncertain = False
         # A new producer with the same id in any case: its start resolves the old
         # transaction if the abort did not (commits one that was being committed, aborts
         # the rest), and a fresh epoch leaves no sequence numbers of before an outage
@@ -473,6 +488,19 @@ class ConfluentTransactionalSink(ConfluentSink):
 _FENCED = frozenset(
     {KafkaError._FENCED, KafkaError.PRODUCER_FENCED, KafkaError.INVALID_PRODUCER_EPOCH}
 )
+
+
+def _generation(metadata: bytes) -> int:
+    """The generation in librdkafka's serialized group metadata: `b"CGMDv2:"`, then the
+    generation as a little-endian int32, then group id, member id and instance id, each
+    NUL-terminated (rd_kafka_consumer_group_metadata_write). Another layout: 0 (unknown,
+    left to the broker to judge)."""
+    if not metadata.startswith(_METADATA_MAGIC) or len(metadata) < len(_METADATA_MAGIC) + 4:
+        return 0
+    return int(struct.unpack_from("<i", metadata, len(_METADATA_MAGIC))[0])
+
+
+_METADATA_MAGIC = b"CGMDv2:"
 
 
 def _watermarks(

@@ -48,6 +48,7 @@ from pipeline.transport.base import (
     RebalanceCallback,
     StallWatch,
     fenced,
+    not_a_member,
     unauthorized,
     unreachable,
 )
@@ -215,7 +216,13 @@ class KafkaSource:
         return lags
 
     def group_metadata(self) -> Any:
-        return self._consumer.group_metadata()
+        metadata = self._consumer.group_metadata()
+        if metadata.generation_id < 0 or not metadata.member_id:
+            # The heartbeat thread heard the member is gone and reset it; the broker
+            # would take a transactional commit of generation -1 (KIP-447 leaves that
+            # open for producers of before it): it must not be made.
+            raise TransactionAbortedError(not_a_member(self._consumer.config["group_id"]))
+        return metadata
 
     def close(self) -> None:
         self._consumer.close(autocommit=False, timeout_ms=int(TRANSACTION_CALL_TIMEOUT_S * 1000))
@@ -314,6 +321,7 @@ class KafkaTransactionalSink(KafkaSink):
         self._pending: list[Any] = []
         self._open = False
         self._ready = False
+        self._uncertain = False
         self._producer = self._start()
 
     def _start(self) -> KafkaProducer:
@@ -358,6 +366,9 @@ class KafkaTransactionalSink(KafkaSink):
         except ProducerFencedError as exc:
             self._fences.count()
             raise FencedError(fenced(self._id)) from exc
+        except TransactionTimeoutError:
+            self._uncertain = True  # no abort can be trusted to end it: a new producer will
+            raise
         except KafkaError as exc:
             raise TransactionAbortedError(f"the broker refused the commit: {exc!r}") from exc
         self._open = False
@@ -371,17 +382,22 @@ class KafkaTransactionalSink(KafkaSink):
         if self._ready:
             manager = self._producer._transaction_manager
             try:
-                if not manager.has_fatal_error() and not manager.is_completing():
+                if not (manager.has_fatal_error() or manager.is_completing() or self._uncertain):
                     self._wait(manager.begin_abort(), "aborting")
             except (KafkaError, TransactionTimeoutError) as exc:
-                log.warning("transaction of %s not aborted: %s", self._id, exc)
-            self._ready = False
-            self._producer.close(timeout=0)
+                self._discard()  # the next call starts a new producer first
+                raise TransactionTimeoutError(f"aborting transaction {self._id!r}: {exc}") from exc
+            self._discard()
         # A new producer with the same id in any case: its start resolves the old
         # transaction if the abort did not (commits one that was being committed, aborts
         # the rest), and a fresh epoch leaves no sequence numbers of before an outage.
         self._fences.check()
         self._producer = self._start()
+
+    def _discard(self) -> None:
+        self._ready = False
+        self._uncertain = False
+        self._producer.close(timeout=0)
 
     def _wait(self, result: Any, doing: str) -> None:
         self._producer._sender.wakeup()

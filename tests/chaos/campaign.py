@@ -79,6 +79,10 @@ def model(workdir: Path) -> Path:
     return write_onnx_step(weights, workdir / "model.onnx")
 
 
+def changelog_topic(topics: Topics) -> str:
+    return f"{topics.input}.{MODEL_NAME}.changelog"
+
+
 def server_args(broker: Broker, topics: Topics, run: Run, model_path: Path) -> list[str]:
     return [
         "--bootstrap-servers", broker.proxied_bootstrap,
@@ -87,6 +91,8 @@ def server_args(broker: Broker, topics: Topics, run: Run, model_path: Path) -> l
         "--model", str(model_path),
         "--input-topic", topics.input,
         "--output-topic", topics.output,
+        # Named, not derived: the checker reads this very topic (run_one).
+        "--changelog-topic", changelog_topic(topics),
         "--session-timeout-ms", str(int(SESSION_TIMEOUT_S * 1000)),
         "--checkpoint-interval-seconds", "0.5",
         "--checkpoint-interval-events", "0",
@@ -123,7 +129,7 @@ def run_one(run: Run, broker: Broker, model_path: Path, logs: Path) -> dict[str,
     report: Report = check(
         broker.bootstrap,
         topics,
-        [f"{topics.input}.{MODEL_NAME}.changelog"],
+        [changelog_topic(topics)],
         producer.delivered,
         truths,
         exactly_once=exactly_once,

@@ -339,7 +339,8 @@ def serve(
 ) -> Iterator[Callable[..., Served]]:
     """Start `hiddenstate serve` processes; all are killed at the end of the test.
     `transport`: the session's by default, another by name, or None for no flag at all
-    (the server's default); `env`: extra environment variables."""
+    (the server's default); `env`: extra environment variables; `port`: the metrics port
+    (a restart on the same one is the same member: the same transactional id)."""
     started: list[Served] = []
     session_transport = serve_transport
 
@@ -348,8 +349,9 @@ def serve(
         ready: bool = True,
         transport: str | None = session_transport,
         env: dict[str, str] | None = None,
+        port: int | None = None,
     ) -> Served:
-        port = free_port()
+        port = port or free_port()
         chosen = ["--transport", transport] if transport else []
         served = Served(
             [

@@ -2,7 +2,8 @@
 query and alert expression is answered with data.
 
 The stack, once for the module: the local Kafka broker (session fixture), `hiddenstate
-serve` as a subprocess on a real ONNX model (`pipeline.testing.write_onnx_step`),
+serve` as a subprocess on a real ONNX model (`pipeline.testing.write_onnx_step`, a
+classifier) with a second version of it in shadow (`--shadow-model`),
 `hiddenstate produce --source synthetic` sending about 300 events/s plus a few bad events
 for the dead-letter series, and Debian's `prometheus` binary on loopback (free port,
 temporary data folder, 1 s scrapes and rule evaluations, the alert rules of
@@ -10,9 +11,10 @@ docker/prometheus/rules.yml loaded, the target labelled with the namespace and p
 PodMonitor would give it). A missing `prometheus` or `promtool` fails the tests.
 
 The online-quality panels need a classifier and a regressor judged by labels: the
-regressor above serves as pod hiddenstate-0, a classifier on the same events (its own
-group and output topic) as pod hiddenstate-1, each with a labels topic that a labeller
-thread fills with the truth for every prediction it reads (plus a bad label).
+classifier above (and its shadow) serves as pod hiddenstate-0, a regressor on the same
+events (its own group and output topic) as pod hiddenstate-1, each with a labels topic
+that a labeller thread fills with the truth for every prediction it reads (plus a bad
+label).
 """
 
 from __future__ import annotations
@@ -59,13 +61,13 @@ GRAFANA_VARIABLES = {"__rate_interval": "30s", "job": JOB, "namespace": ".+", "p
 BAD_EVENTS = {"not_json": 4, "feature_count": 3, "missing_key": 2}
 MODEL_NAME = "prom-gru"
 CLASSES = 4
-POD = 'pod="hiddenstate-0"'  # the regressor; hiddenstate-1 is the classifier
+POD = 'pod="hiddenstate-0"'  # the classifier and its shadow; hiddenstate-1 is the regressor
 
 
 class Labeller(threading.Thread):
-    """Reads the regressor's predictions and publishes a label for each to both labels
-    topics: a random class for the classifier, random target values for the regressor
-    (both servers step the same events, so their steps agree)."""
+    """Reads the classifier's predictions and publishes a label for each to both labels
+    topics: a random class for the classifier (and its shadow), random target values for
+    the regressor (both servers step the same events, so their steps agree)."""
 
     def __init__(self, bootstrap: str, predictions: str, labels: dict[str, str]) -> None:
         super().__init__(daemon=True, name="labeller")
@@ -96,6 +98,9 @@ class Labeller(threading.Thread):
         finally:
             producer.close(timeout=5)
             consumer.close()
+
+
+STREAMS = 50  # of `hiddenstate produce --source synthetic`
 
 
 @dataclass
@@ -170,28 +175,46 @@ def stack(
     require("promtool")
     tmp = tmp_path_factory.mktemp("prometheus-stack")
     model = write_onnx_step(
-        random_weights("gru", n_features=3, hidden=16, layers=2, name=MODEL_NAME), tmp / "m.onnx"
-    )
-    classifier = write_onnx_step(
         random_weights(
-            "gru", n_features=3, hidden=8, n_outputs=CLASSES, task="classification", name="prom-cls"
+            "gru",
+            n_features=3,
+            hidden=16,
+            layers=2,
+            n_outputs=CLASSES,
+            name=MODEL_NAME,
+            task="classification",
         ),
-        tmp / "c.onnx",
+        tmp / "m.onnx",
+    )
+    shadow = write_onnx_step(
+        random_weights(
+            "lstm",
+            n_features=3,
+            hidden=12,
+            n_outputs=CLASSES,
+            name=MODEL_NAME,
+            version="2",
+            task="classification",
+        ),
+        tmp / "shadow.onnx",
+    )
+    regressor = write_onnx_step(
+        random_weights("gru", n_features=3, hidden=8, name="prom-reg"), tmp / "r.onnx"
     )
     topic = kafka.create_topic("prom-events", partitions=2)
     labels = {
         "regression": kafka.create_topic("prom-labels-reg", partitions=2),
         "classification": kafka.create_topic("prom-labels-cls", partitions=2),
     }
-    metrics_port, classifier_port, prometheus_port = _free_port(), _free_port(), _free_port()
+    metrics_port, regressor_port, prometheus_port = _free_port(), _free_port(), _free_port()
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     processes: list[subprocess.Popen[bytes]] = []
     server_log = tmp / "serve.log"
     labeller = Labeller(kafka_bootstrap, f"{topic}.predictions", labels)
     try:
-        for name, path, port, output, task in (
-            ("serve", model, metrics_port, f"{topic}.predictions", "regression"),
-            ("classify", classifier, classifier_port, f"{topic}.classes", "classification"),
+        for name, path, port, output, task, shadowed in (
+            ("serve", model, metrics_port, f"{topic}.predictions", "classification", True),
+            ("regress", regressor, regressor_port, f"{topic}.values", "regression", False),
         ):
             with (tmp / f"{name}.log").open("wb") as log:
                 processes.append(
@@ -200,6 +223,7 @@ def stack(
                             "serve",
                             "--transport", serve_transport,
                             "--model", str(path),
+                            *(("--shadow-model", str(shadow)) if shadowed else ()),
                             "--input-topic", topic,
                             "--output-topic", output,
                             "--group-id", f"prom-{name}",
@@ -213,7 +237,7 @@ def stack(
                     )
                 )  # fmt: skip
         metrics_url = f"http://127.0.0.1:{metrics_port}"
-        for port in (metrics_port, classifier_port):
+        for port in (metrics_port, regressor_port):
             _wait(
                 "serve is not ready",
                 lambda port=port: _get(f"http://127.0.0.1:{port}/readyz")[0] == 200,
@@ -230,7 +254,7 @@ def stack(
             subprocess.Popen(
                 _cli(
                     "produce", "--topic", topic, "--source", "synthetic", "--features", "3",
-                    "--streams", "50", "--rate", "300", "--count", "18000",
+                    "--streams", str(STREAMS), "--rate", "300", "--count", "18000",
                     "--bootstrap-servers", kafka_bootstrap,
                 ),
                 cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
@@ -246,7 +270,7 @@ def stack(
                     "static_configs": [
                         {"targets": [f"127.0.0.1:{metrics_port}"], "labels": TARGET_LABELS},
                         {
-                            "targets": [f"127.0.0.1:{classifier_port}"],
+                            "targets": [f"127.0.0.1:{regressor_port}"],
                             "labels": {**TARGET_LABELS, "pod": "hiddenstate-1"},
                         },
                     ],
@@ -312,7 +336,9 @@ def test_latency_and_wave_size_quantiles_are_finite_under_load(stack: Stack) -> 
         for name, query in dashboard_queries(GRAFANA_VARIABLES).items()
         if query.startswith("histogram_quantile") and "checkpoint" not in query
     }
-    assert len(quantiles) == 10  # inference, end to end: 3 each; waves, queue: 2 each
+    # inference, end to end: 3 each; waves, queue: 2 each; the shadow's difference 2, its step
+    # latency 2 and the served model's p99 beside it
+    assert len(quantiles) == 15
     assert {name: v for name, v in quantiles.items() if not 0 < v < math.inf} == {}
 
 
@@ -387,23 +413,51 @@ def test_promtool_accepts_the_servers_metrics_exposition(stack: Stack) -> None:
     assert b"hiddenstate_events_total" in exposition
 
 
-def test_labels_judge_both_models_and_a_bad_one_is_counted(stack: Stack) -> None:
+def test_labels_judge_every_model_the_shadow_too_and_a_bad_one_is_counted(stack: Stack) -> None:
     judged = stack.query('sum by (identity) (hiddenstate_online_labels_total{result="judged"}) > 0')
-    names = sorted(r["metric"]["identity"].split("@")[0] for r in judged)
-    malformed = (
-        'sum(hiddenstate_online_malformed_labels_total{reason="not_json", pod="hiddenstate-1"})'
-    )
-    assert names == ["prom-cls", MODEL_NAME]
+    versions = sorted(r["metric"]["identity"].split("#")[0] for r in judged)
+    malformed = f'sum(hiddenstate_online_malformed_labels_total{{reason="not_json", {POD}}})'
+    assert versions == [f"{MODEL_NAME}@1", f"{MODEL_NAME}@2", "prom-reg@1"]
     assert stack.value(malformed) == 1
 
 
 def test_the_online_accuracy_of_random_labels_is_about_one_in_the_number_of_classes(
     stack: Stack,
 ) -> None:
-    """A random classifier judged by random classes: right about a quarter of the time."""
-    correct = stack.value('sum(hiddenstate_online_correct_total{pod="hiddenstate-1"})')
-    judged = stack.value(
-        'sum(hiddenstate_online_labels_total{pod="hiddenstate-1", result="judged"})'
+    """Random classifiers (the served one and its shadow) judged by random classes: each
+    right about a quarter of the time, on the same labels."""
+    correct = stack.query(f"sum by (identity) (hiddenstate_online_correct_total{{{POD}}})")
+    judged = {
+        r["metric"]["identity"]: float(r["value"][1])
+        for r in stack.query(
+            f'sum by (identity) (hiddenstate_online_labels_total{{{POD}, result="judged"}})'
+        )
+    }
+    accuracy = {
+        r["metric"]["identity"].split("#")[0]: float(r["value"][1])
+        / judged[r["metric"]["identity"]]
+        for r in correct
+    }
+    assert sorted(accuracy) == [f"{MODEL_NAME}@1", f"{MODEL_NAME}@2"]
+    assert min(judged.values()) >= 100
+    bound = 5 * math.sqrt(min(judged.values())) / min(judged.values())
+    assert {v: abs(a - 1 / CLASSES) < bound for v, a in accuracy.items()} == dict.fromkeys(
+        accuracy, True
     )
-    assert judged >= 100
-    assert abs(correct / judged - 1 / CLASSES) < 5 * math.sqrt(judged) / judged
+
+
+def test_the_shadow_is_scraped_with_every_stream_warm_and_its_difference_measured(
+    stack: Stack,
+) -> None:
+    (info,) = stack.query(f'hiddenstate_shadow_model_info{{job="{JOB}"}}')
+    assert (info["metric"]["name"], info["metric"]["version"]) == (MODEL_NAME, "2")
+    assert stack.value('sum(hiddenstate_shadow_streams{warmth="warm"})') == STREAMS
+    assert stack.value('sum(hiddenstate_shadow_streams{warmth="cold"})') == 0
+    shadowed = stack.value(f"sum(rate(hiddenstate_shadow_predictions_total{{{POD}}}[10s]))")
+    served = stack.value(f"sum(rate(hiddenstate_predictions_total{{{POD}}}[10s]))")
+    assert shadowed == pytest.approx(served, rel=0.2)
+    compared = stack.value("sum(hiddenstate_shadow_abs_difference_count)")
+    agreed = stack.value("sum(hiddenstate_shadow_argmax_agreements_total)")
+    assert compared > 0
+    assert 0 <= agreed <= compared
+    assert stack.value("sum(hiddenstate_restored_cold_streams_total)") == 0

@@ -183,7 +183,7 @@ def test_sigterm_stops_cleanly_and_a_restart_neither_loses_nor_repeats_a_predict
     total = sum(kafka.end_offsets(output).values())
     second.stop()
 
-    assert "stopped cleanly" in first.log()
+    assert "stopped: outputs acknowledged" in first.log()
     assert 0 < sum(served_before.values()) < len(sent)
     sources = [
         (json.loads(r.value)["source"]["partition"], json.loads(r.value)["source"]["offset"])

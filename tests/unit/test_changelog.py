@@ -102,3 +102,58 @@ def test_decoding_many_keeps_the_fitting_values_and_says_which_they_are():
     for state, expected in zip(decoded.states, snapshot(spec, fill=2.0).states, strict=True):
         np.testing.assert_array_equal(state[1], expected)
     assert len(codec.decode_many([]).indexes) == 0
+
+
+def missed_snapshot(spec, missed, **kwargs):
+    plain = snapshot(spec, **kwargs)
+    return Snapshot(plain.key, plain.partition, plain.offset, plain.step, plain.states, missed)
+
+
+def test_a_snapshot_that_missed_no_event_is_written_as_before():
+    spec = lstm_spec()
+    value = SnapshotCodec(spec).encode(missed_snapshot(spec, 0))
+    assert value.startswith(b"HSS1")
+    assert value == SnapshotCodec(spec).encode(snapshot(spec))
+
+
+def test_a_snapshot_that_missed_events_round_trips_with_their_count():
+    spec = lstm_spec()
+    codec = SnapshotCodec(spec)
+    value = codec.encode(missed_snapshot(spec, 12, step=3, offset=40))
+    assert value.startswith(b"HSS2")
+    assert codec.fits(value)
+    assert codec.numbers(value) == (3, 40)
+    decoded = codec.decode_many([value])
+    assert (decoded.steps.tolist(), decoded.offsets.tolist(), decoded.missed.tolist()) == (
+        [3],
+        [40],
+        [12],
+    )
+    for state, expected in zip(decoded.states, snapshot(spec).states, strict=True):
+        np.testing.assert_array_equal(state[0], expected)
+
+
+def test_many_snapshots_some_of_which_missed_events_encode_and_decode_in_order():
+    spec = lstm_spec()
+    codec = SnapshotCodec(spec)
+    snapshots = [
+        missed_snapshot(spec, i % 2 * (i + 5), key=b"k%d" % i, step=i, offset=10 * i, fill=i)
+        for i in range(5)
+    ]
+    rows = rows_of(snapshots)
+    rows = Rows(rows.keys, rows.partitions, rows.offsets, rows.steps, rows.states,
+                np.array([s.missed for s in snapshots], np.int64))  # fmt: skip
+    values = codec.encode_many(rows)
+    assert values == [codec.encode(s) for s in snapshots]
+    decoded = codec.decode_many(values)
+    order = np.argsort(decoded.indexes)
+    assert decoded.missed[order].tolist() == [0, 6, 0, 8, 0]
+    assert decoded.steps[order].tolist() == [0, 1, 2, 3, 4]
+    assert [float(decoded.states[0][i, 0, 0]) for i in order] == [0.0, 1.0, 2.0, 3.0, 4.0]
+
+
+def test_a_snapshot_of_another_model_that_missed_events_does_not_fit():
+    ours, theirs = lstm_spec(seed=0), lstm_spec(seed=1)
+    value = SnapshotCodec(theirs).encode(missed_snapshot(theirs, 4))
+    assert not SnapshotCodec(ours).fits(value)
+    assert len(SnapshotCodec(ours).decode_many([value]).indexes) == 0

@@ -1,6 +1,7 @@
 import argparse
 import dataclasses
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -15,6 +16,7 @@ from pipeline.config import (
     settings_table,
 )
 from pipeline.errors import ConfigError
+from pipeline.testing import random_weights
 
 REQUIRED = ["--input-topic", "events", "--output-topic", "predictions", "--model", "m.onnx"]
 
@@ -59,12 +61,96 @@ def test_an_explicit_dead_letter_topic_is_kept():
     assert load("--dead-letter-topic", "bad").topics.dead_letter_topic == "bad"
 
 
-def test_changelog_topic_derives_from_input_topic_and_a_safe_model_name():
-    assert load().topics.changelog_for("gru vowels/2") == "events.gru-vowels-2.changelog"
+def spec(name: str = "gru", version: str = "1", seed: int = 0) -> Any:
+    return random_weights("gru", name=name, version=version, seed=seed).spec
+
+
+def test_changelog_topic_derives_from_input_topic_and_the_model_identity_made_safe():
+    model = spec("gru vowels/2", "1.0")
+    expected = f"events.gru-vowels-2.1.0.{model.weights_sha256[:16]}.changelog"
+    assert load().topics.changelog_for(model) == expected
+
+
+def test_two_versions_of_one_model_name_get_changelogs_of_their_own():
+    topics = load().topics
+    assert topics.changelog_for(spec(version="1")) != topics.changelog_for(spec(version="2"))
+
+
+def test_two_trainings_of_one_model_version_get_changelogs_of_their_own():
+    topics = load().topics
+    assert topics.changelog_for(spec(seed=1)) != topics.changelog_for(spec(seed=2))
+
+
+def test_a_derived_changelog_name_too_long_for_kafka_keeps_its_weights():
+    model = spec("m" * 300)
+    name = load().topics.changelog_for(model)
+    assert len(name) == 249
+    assert name.endswith(f".{model.weights_sha256[:16]}.changelog")
 
 
 def test_an_explicit_changelog_topic_wins_over_the_derived_one():
-    assert load("--changelog-topic", "states").topics.changelog_for("gru") == "states"
+    assert load("--changelog-topic", "states").topics.changelog_for(spec()) == "states"
+
+
+def test_the_shadow_changelog_is_the_one_the_same_model_would_serve_from():
+    model = spec(version="2")
+    config = load("--shadow-model", "v2.onnx")
+    assert config.rollout.shadow_changelog_for("events", model) == config.topics.changelog_for(
+        model
+    )
+
+
+def test_the_shadow_output_topic_derives_from_the_output_topic():
+    assert load("--shadow-model", "v2.onnx").rollout.shadow_output_topic == "predictions.shadow"
+
+
+def test_no_shadow_output_topic_is_derived_without_a_shadow_model():
+    assert load().rollout.shadow_output_topic == ""
+
+
+@pytest.mark.parametrize(
+    "flags",
+    [
+        ("--shadow-output-topic", "other"),
+        ("--shadow-changelog-topic", "other"),
+        ("--shadow-warmup-events", "10"),
+    ],
+    ids=["output", "changelog", "warmup"],
+)
+def test_a_shadow_setting_without_a_shadow_model_is_refused(flags):
+    with pytest.raises(ConfigError, match="has no effect without --shadow-model"):
+        load(*flags)
+
+
+def test_the_served_model_as_its_own_shadow_is_refused():
+    with pytest.raises(ConfigError, match="is the --model file itself"):
+        load("--shadow-model", "m.onnx")
+
+
+@pytest.mark.parametrize(
+    ("flags", "clash"),
+    [
+        (("--shadow-output-topic", "predictions"), "--output-topic"),
+        (("--shadow-output-topic", "events"), "--input-topic"),
+        (
+            ("--shadow-changelog-topic", "states", "--changelog-topic", "states"),
+            "--changelog-topic",
+        ),
+        (
+            ("--shadow-changelog-topic", "x", "--shadow-output-topic", "x"),
+            "--shadow-changelog-topic",
+        ),
+    ],
+    ids=["output", "input", "changelog", "each-other"],
+)
+def test_shadow_topics_must_differ_from_every_other_topic(flags, clash):
+    with pytest.raises(ConfigError, match=f"{clash} / HIDDENSTATE_[A-Z_]+: both are"):
+        load("--shadow-model", "v2.onnx", *flags)
+
+
+def test_the_allowed_cold_fraction_is_between_0_and_1():
+    with pytest.raises(ConfigError, match=r"promotion-max-cold-fraction.*<= 1"):
+        load("--promotion-max-cold-fraction", "1.5")
 
 
 def test_missing_required_settings_are_all_named_with_flag_and_env():

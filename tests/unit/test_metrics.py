@@ -22,6 +22,8 @@ ALLOWED_LABELS = {
     "device",
     "provider",
     "result",
+    "output",
+    "warmth",
 }
 
 
@@ -78,6 +80,14 @@ def test_the_exposition_has_every_declared_metric(metrics):
         "hiddenstate_online_squared_error",
         "hiddenstate_online_malformed_labels",
         "hiddenstate_online_labels_waiting",
+        "hiddenstate_shadow_model_info",
+        "hiddenstate_shadow_predictions",
+        "hiddenstate_shadow_abs_difference",
+        "hiddenstate_shadow_argmax_agreements",
+        "hiddenstate_shadow_streams",
+        "hiddenstate_shadow_inference_seconds",
+        "hiddenstate_shadow_warmup_events",
+        "hiddenstate_restored_cold_streams",
     }
 
 
@@ -91,6 +101,8 @@ def test_no_label_can_hold_a_stream_id(metrics):
     metrics.set_model(
         random_weights().spec, device="cpu", provider="CPUExecutionProvider", fallback=False
     )
+    shadow = random_weights(seed=1).spec
+    metrics.rollout.set_shadow(shadow, device="cpu", provider="", compared=["y"], argmax=["y"])
     labels = {
         k
         for name, f in families(metrics.registry).items()
@@ -290,3 +302,31 @@ def test_every_malformed_label_reason_exists_from_the_start(metrics):
             sample(metrics.registry, "hiddenstate_online_malformed_labels_total", reason=reason)
             == 0
         )
+
+
+def test_a_shadow_makes_its_series_exist_at_zero(metrics):
+    shadow = random_weights("lstm", task="classification", version="2").spec
+    metrics.rollout.set_shadow(
+        shadow, device="cpu", provider="CPUExecutionProvider", compared=["probs"], argmax=["probs"]
+    )
+    registry = metrics.registry
+    assert sample(registry, "hiddenstate_shadow_abs_difference_count", output="probs") == 0
+    assert sample(registry, "hiddenstate_shadow_argmax_agreements_total", output="probs") == 0
+    assert sample(registry, "hiddenstate_shadow_streams", warmth="cold") == 0
+    info = sample(registry, "hiddenstate_shadow_model_info", **{
+        "name": shadow.name, "version": "2", "identity": shadow.identity, "task": "classification",
+        "cell": "lstm", "device": "cpu", "provider": "CPUExecutionProvider",
+    })  # fmt: skip
+    assert info == 1
+
+
+def test_a_labelled_batch_histogram_keeps_each_label_in_its_own_buckets(metrics):
+    histogram = metrics.rollout.abs_difference
+    histogram.observe_many("y", [0.5e-6, 0.02, float("nan")])
+    histogram.observe_many("z", [3.0])
+    registry = metrics.registry
+    name = "hiddenstate_shadow_abs_difference"
+    assert sample(registry, f"{name}_bucket", output="y", le="1e-06") == 1
+    assert sample(registry, f"{name}_bucket", output="y", le="0.05") == 2
+    assert sample(registry, f"{name}_count", output="z") == 1
+    assert sample(registry, f"{name}_sum", output="y") == pytest.approx(0.0200005)

@@ -275,3 +275,103 @@ def test_an_event_at_or_before_the_restored_offset_is_already_applied():
     store.restore_many([b"a"], [1], [10], [5], [h, c], now=0.0)
     applied = store.already_applied([b"a", b"a", b"a", b"b"], [1, 1, 2, 1], [9, 11, 3, 0])
     assert applied.tolist() == [True, False, False, False]
+
+
+def test_a_new_stream_has_missed_no_event():
+    store = make_store()
+    assert store.missed(acquire(store, [b"a"])).tolist() == [0]
+
+
+def test_the_missed_count_travels_with_the_snapshot_and_back():
+    store = make_store()
+    slots = step(store, [b"a"], 1.0, offset=7)
+    store.set_missed(slots, [5])
+    snapshot = store.snapshot(b"a")
+    other = make_store()
+    other.restore(snapshot, now=0.0)
+    assert other.snapshot(b"a").missed == 5
+
+
+def test_drained_rows_carry_the_missed_counts():
+    store = make_store()
+    slots = step(store, [b"a", b"b"], 1.0)
+    store.set_missed(slots[:1], [3])
+    rows = store.drain_dirty_rows()
+    assert dict(zip(rows.keys, rows.missed.tolist(), strict=True)) == {b"a": 3, b"b": 0}
+
+
+def test_a_reset_clears_the_missed_count():
+    store = make_store()
+    store.set_missed(step(store, [b"a"], 1.0), [4])
+    store.reset(b"a")
+    assert store.snapshot(b"a").missed == 0
+
+
+def test_reset_slots_zero_states_steps_and_missed_and_mark_them_dirty():
+    store = make_store()
+    slots = step(store, [b"a"], 1.0)
+    store.set_missed(slots, [2])
+    store.drain_dirty_rows()
+    store.reset_slots(slots)
+    snapshot = store.snapshot(b"a")
+    assert (snapshot.step, snapshot.missed, float(snapshot.states[0].max())) == (0, 0, 0.0)
+    assert store.drain_dirty_rows().keys == [b"a"]
+
+
+def test_evicted_keys_are_handed_to_on_forget_at_the_cap_and_after_the_ttl():
+    forgotten: list[bytes] = []
+    store = StateStore((H, C), max_streams=2, idle_ttl_seconds=10.0, on_forget=forgotten.extend)
+    acquire(store, [b"a"], now=0.0)
+    acquire(store, [b"b"], now=5.0)
+    acquire(store, [b"c"], now=6.0)  # a is the least recently used
+    store.evict_idle(now=15.5)  # b idle 10.5 s
+    assert forgotten == [b"a", b"b"]
+
+
+def test_a_dropped_partition_is_not_handed_to_on_forget():
+    forgotten: list[bytes] = []
+    store = StateStore((H, C), max_streams=10, on_forget=forgotten.extend)
+    acquire(store, [b"a"], partition=3)
+    store.drop_partition(3)
+    assert forgotten == []
+
+
+def test_forget_removes_held_streams_with_tombstones_and_skips_unknown_ones():
+    store = make_store()
+    acquire(store, [b"a", b"b"], partition=1)
+    assert store.forget([b"a", b"zz"]) == 1
+    assert list(store.keys()) == [b"b"]
+    assert store.drain_tombstones() == [(b"a", 1)]
+
+
+def test_rows_copy_the_streams_of_some_partitions_without_cleaning_them():
+    store = make_store()
+    step(store, [b"a"], 1.0, partition=0, offset=4)
+    step(store, [b"b"], 2.0, partition=1, offset=9)
+    rows = store.rows([1])
+    assert (rows.keys, rows.offsets.tolist(), rows.steps.tolist()) == ([b"b"], [9], [1])
+    assert sorted(store.drain_dirty_rows().keys) == [b"a", b"b"]
+
+
+def test_cold_streams_are_counted_by_partition():
+    store = make_store()
+    store.set_missed(step(store, [b"a", b"b"], 1.0, partition=0), [2, 0])
+    store.set_missed(step(store, [b"c"], 1.0, partition=1), [1])
+    assert store.count_cold([0]) == (1, 2)
+    assert store.count_cold() == (2, 3)
+
+
+def test_accepting_missed_events_clears_them_and_marks_those_streams_dirty():
+    store = make_store()
+    store.set_missed(step(store, [b"a", b"b"], 1.0, partition=0), [2, 0])
+    store.drain_dirty_rows()
+    assert store.accept_missed([0]) == 1
+    assert store.count_cold([0]) == (0, 2)
+    assert store.drain_dirty_rows().keys == [b"a"]
+
+
+def test_rows_without_states_copy_only_the_columns():
+    store = make_store()
+    step(store, [b"a"], 1.0, offset=4)
+    rows = store.rows([0], with_states=False)
+    assert (rows.keys, rows.offsets.tolist(), rows.states) == ([b"a"], [4], ())

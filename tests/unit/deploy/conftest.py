@@ -29,6 +29,7 @@ COMPONENTS = (
     "kafka-private-ca",
     "model-image-volume",
     "model-pvc",
+    "shadow-model",
     "grafana-dashboard",
     "nvidia-runtime-class",
     "streams-api",
@@ -100,6 +101,7 @@ def write_combination(folder: Path, combination: tuple[str, ...]) -> Path:
         "images": [
             {"name": "hiddenstate", "newTag": "0.1.0"},
             {"name": "hiddenstate-model", "newTag": "0.1.0"},
+            {"name": "hiddenstate-shadow-model", "newTag": "0.2.0"},
         ],
     }
     (folder / "kustomization.yaml").write_text(yaml.safe_dump(kustomization))

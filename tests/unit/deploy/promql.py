@@ -24,6 +24,7 @@ import yaml
 from prometheus_client import CollectorRegistry
 
 from pipeline.metrics import Metrics
+from pipeline.testing import random_weights
 
 REPO = Path(__file__).resolve().parents[3]
 DASHBOARD = REPO / "deploy" / "components" / "grafana-dashboard" / "hiddenstate.json"
@@ -154,6 +155,10 @@ def exported_metric_names() -> set[str]:
     # The online counters have a sample per model identity once a model is registered.
     metrics.online.register("classifier@1#0", "classification")
     metrics.online.register("regressor@1#0", "regression")
+    # Likewise the shadow's series, which exist once a shadow is set.
+    metrics.rollout.set_shadow(
+        random_weights().spec, device="cpu", provider="", compared=["y"], argmax=["y"]
+    )
     names = set()
     for family in registry.collect():
         names.add(family.name)

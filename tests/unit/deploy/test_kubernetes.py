@@ -33,11 +33,11 @@ COMMIT_TIMEOUT_S = 30  # kafka-python's request_timeout_ms default, for the offs
 # docs/benchmarks.md's results table: "| kafka-python | **29,908** (...".
 CAPACITY_ROW = re.compile(r"^\| (kafka-python|confluent) \| \*\*([\d,]+)\*\*", re.MULTILINE)
 LAG_SECONDS_OF_WORK = 30
-# docs/operations.md#sizing: limit = 100 MiB + max_streams x (state + 129 + 33 + key) x 1.5
+# docs/operations.md#sizing: limit = 100 MiB + max_streams x (state + 137 + 33 + key) x 1.5
 SIZING = {
     "base_mib": 100,
     "state_bytes": 512,
-    "per_stream": 129 + 33,
+    "per_stream": 137 + 33,
     "key_bytes": 36,
     "slack": 1.5,
 }
@@ -255,6 +255,33 @@ def test_the_volume_claim_component_mounts_a_shared_claim_read_only(
     assert _pod(docs).get("initContainers", []) == []
 
 
+def test_the_shadow_component_copies_a_second_model_image_and_names_it_in_the_config_map(
+    rendered_combinations: dict[str, Docs],
+) -> None:
+    for name in ("shadow-model", "model-image-volume+shadow-model", "model-pvc+shadow-model"):
+        docs = rendered_combinations[name]
+        init = {c["name"]: c for c in _pod(docs)["initContainers"]}["shadow-model"]
+        shadow = _settings(docs)["HIDDENSTATE_SHADOW_MODEL"]
+        mounts = {m["mountPath"]: m for m in _container(docs)["volumeMounts"]}
+        assert init["image"] == "hiddenstate-shadow-model:0.2.0", name
+        assert init["command"] == ["/bin/busybox", "cp", "/model.onnx", shadow], name
+        assert mounts[str(Path(shadow).parent)]["readOnly"] is True, name
+        assert shadow != _settings(docs)["HIDDENSTATE_MODEL"], name
+
+
+def test_the_shadow_components_memory_holds_both_models_states_by_the_sizing_formula(
+    rendered_combinations: dict[str, Docs],
+) -> None:
+    docs = rendered_combinations["shadow-model"]
+    streams = int(_settings(docs)["HIDDENSTATE_MAX_STREAMS"])
+    served = SIZING["state_bytes"] + SIZING["per_stream"] + SIZING["key_bytes"]
+    shadow = SIZING["state_bytes"] + SIZING["per_stream"] - 33  # the key object is shared
+    need = SIZING["base_mib"] * 2**20 + streams * (served + shadow) * SIZING["slack"]
+    resources = _container(docs)["resources"]
+    assert _bytes(resources["limits"]["memory"]) >= need
+    assert resources["requests"]["memory"] == resources["limits"]["memory"]
+
+
 # ----------------------------------------------------------------- probes and shutdown
 
 
@@ -355,7 +382,7 @@ def test_the_memory_limit_holds_the_stream_cap_by_the_documented_formula(docs: D
     guide = (REPO / "docs" / "operations.md").read_text()
     times = "\u00d7"  # the guide writes the formula with a multiplication sign
     assert (
-        f"100 MiB + max_streams {times} (state bytes + 129 B + 33 B + key length) {times} 1.5"
+        f"100 MiB + max_streams {times} (state bytes + 137 B + 33 B + key length) {times} 1.5"
         in guide
     )
 
