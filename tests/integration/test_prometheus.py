@@ -449,7 +449,8 @@ def test_the_online_accuracy_of_random_labels_is_about_one_in_the_number_of_clas
 def test_the_shadow_is_scraped_with_every_stream_warm_and_its_difference_measured(
     stack: Stack,
 ) -> None:
-    (info,) = stack.query(f'hiddenstate_shadow_model_info{{job="{JOB}"}}')
+    # Only the classifier's pod has a shadow (the regressor's exposes an empty info).
+    (info,) = stack.query(f'hiddenstate_shadow_model_info{{job="{JOB}", {POD}}}')
     assert (info["metric"]["name"], info["metric"]["version"]) == (MODEL_NAME, "2")
     assert stack.value('sum(hiddenstate_shadow_streams{warmth="warm"})') == STREAMS
     assert stack.value('sum(hiddenstate_shadow_streams{warmth="cold"})') == 0
