@@ -11,6 +11,10 @@ writes into `out_dir`:
 - `holdout-events.jsonl`: the held-out streams as events
   `{"key": stream, "value": {"x": [...]}}`, one per line, interleaved across
   streams, each stream in time order. `hiddenstate produce` replays it.
+- `holdout-labels.jsonl`: the truth for each of those events as label events
+  `{"key": stream, "value": {"step": n, "y": ...}}` (docs/events.md), in the same
+  order: what `--labels-topic` judges the served predictions by, so that the live
+  accuracy can be set beside the held-out figure of `metrics.json`.
 
 How a long sequence is trained: truncated BPTT. A batch of streams walks
 through time in windows of `bptt` steps. The state is carried from one
@@ -44,6 +48,7 @@ CHECKPOINT_FILE = "model.pt"
 CURVE_FILE = "training-curve.png"
 METRICS_FILE = "metrics.json"
 EVENTS_FILE = "holdout-events.jsonl"
+LABELS_FILE = "holdout-labels.jsonl"
 
 
 @dataclass(frozen=True)
@@ -133,6 +138,7 @@ def train(
     }
     (out_dir / METRICS_FILE).write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")
     write_events(out_dir / EVENTS_FILE, dataset.test)
+    write_labels(out_dir / LABELS_FILE, dataset.test, dataset.task)
     return TrainResult(
         net=net,
         info=info,
@@ -190,6 +196,29 @@ def write_events(path: Path, split: SequenceSet) -> int:
             else:
                 x = ",".join(np.format_float_positional(v, unique=True, trim="0") for v in row)
             lines.append(f'{{"key": {json.dumps(key)}, "value": {{"x": [{x}]}}}}\n')
+    path.write_text("".join(lines), encoding="utf-8")
+    return len(lines)
+
+
+def write_labels(path: Path, split: SequenceSet, task: str) -> int:
+    """Write the truth of each of `split`'s events as a label event, in the order of
+    `write_events`: step n (1 for a stream's first event) of each stream, `y` its class
+    (or next token) index, or its target values (regression). Returns the line count."""
+    lines = []
+    max_len = int(split.lengths.max()) if len(split) else 0
+    for t in range(max_len):
+        for n, key in enumerate(split.keys):
+            if t >= split.lengths[n]:
+                continue
+            target = split.targets[n, t]
+            if task == "regression":
+                values = ",".join(
+                    np.format_float_positional(v, unique=True, trim="0") for v in target
+                )
+                y = f"[{values}]"
+            else:
+                y = str(int(target))
+            lines.append(f'{{"key": {json.dumps(key)}, "value": {{"step": {t + 1}, "y": {y}}}}}\n')
     path.write_text("".join(lines), encoding="utf-8")
     return len(lines)
 

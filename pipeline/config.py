@@ -407,6 +407,42 @@ class ObservabilityConfig:
     )
 
 
+@dataclass(frozen=True)
+class OnlineConfig:
+    """What the served models do live: accuracy from delayed labels, streams over HTTP."""
+
+    labels_topic: str = _setting(
+        "",
+        "topic of label events, the truth for earlier predictions (co-partitioned with the "
+        "input: same partition count, same key; docs/events.md); empty: no online accuracy",
+    )
+    labels_dead_letter_topic: str = _setting(
+        "", "topic for label events that cannot be read", derived="<labels_topic>.dead-letter"
+    )
+    label_horizon_steps: int = _setting(
+        64,
+        "how many of each stream's last predictions a label can still judge (memory: "
+        "docs/state-store.md); an older one is counted late",
+        minimum=1,
+        maximum=100_000,
+    )
+    streams_api: bool = _setting(
+        False,
+        "serve GET /streams/{key} (a stream's step, last prediction and, with ?state=1, its "
+        "hidden state) and GET /streams: predictions can be sensitive, keep it internal "
+        "(docs/operations.md)",
+    )
+    streams_api_host: str = _setting(
+        "", "address of the streams API on its own port", derived="<metrics_host>"
+    )
+    streams_api_port: int = _setting(
+        0,
+        "port of the streams API apart from /metrics; 0: on the metrics port",
+        minimum=0,
+        maximum=65535,
+    )
+
+
 _SECTIONS: dict[str, type] = {
     "topics": TopicsConfig,
     "kafka": KafkaConfig,
@@ -417,6 +453,7 @@ _SECTIONS: dict[str, type] = {
     "delivery": DeliveryConfig,
     "rollout": RolloutConfig,
     "observability": ObservabilityConfig,
+    "online": OnlineConfig,
 }
 
 
@@ -433,6 +470,7 @@ class ServeConfig:
     delivery: DeliveryConfig
     rollout: RolloutConfig
     observability: ObservabilityConfig
+    online: OnlineConfig
     # Where each value came from ("flag", "env", "default", "derived"): for the start log.
     sources: Mapping[str, str] = field(default_factory=dict, compare=False)
 
@@ -598,6 +636,10 @@ def _derive(values: dict[str, dict[str, Any]], sources: dict[str, str]) -> None:
         if not kafka["group_id"]:
             kafka["group_id"] = f"hiddenstate-{topics['input_topic']}"
             sources["group_id"] = "derived"
+    online = values["online"]
+    if online["labels_topic"] and not online["labels_dead_letter_topic"]:
+        online["labels_dead_letter_topic"] = f"{online['labels_topic']}.dead-letter"[:249]
+        sources["labels_dead_letter_topic"] = "derived"
     rollout = values["rollout"]
     if rollout["shadow_model"] and topics["output_topic"] and not rollout["shadow_output_topic"]:
         rollout["shadow_output_topic"] = f"{topics['output_topic']}.shadow"[:249]
@@ -628,8 +670,17 @@ def _cross_checks(values: dict[str, dict[str, Any]]) -> list[str]:
                 f"{_who(name)}: {topic!r} is not a valid Kafka topic name "
                 "(1-249 of A-Z a-z 0-9 . _ -)"
             )
+    online = values["online"]
+    for name in ("labels_topic", "labels_dead_letter_topic"):
+        topic = online[name]
+        if topic and not _TOPIC_NAME.match(topic):
+            problems.append(
+                f"{_who(name)}: {topic!r} is not a valid Kafka topic name "
+                "(1-249 of A-Z a-z 0-9 . _ -)"
+            )
     named = [(n, topics[n]) for n in ("input_topic", "output_topic", "dead_letter_topic")]
     named += [("changelog_topic", topics["changelog_topic"])]
+    named += [(n, online[n]) for n in ("labels_topic", "labels_dead_letter_topic")]
     for i, (a, ta) in enumerate(named):
         for b, tb in named[i + 1 :]:
             if ta and ta == tb:
@@ -640,10 +691,37 @@ def _cross_checks(values: dict[str, dict[str, Any]]) -> list[str]:
         problems.append(f"{_who('bootstrap_servers')}: expected host:port[,host:port...]")
     problems += _security_checks(kafka)
     problems += _registry_checks(values["formats"])
+    problems += _online_checks(online, values["observability"])
     if values["processing"]["max_wave_size"] > values["store"]["max_streams"]:
         problems.append(
             f"{_who('max_wave_size')}: {values['processing']['max_wave_size']} is more than "
             f"{_who('max_streams')} ({values['store']['max_streams']}); one wave must fit in the store"
+        )
+    return problems
+
+
+def _online_checks(online: dict[str, Any], observability: dict[str, Any]) -> list[str]:
+    problems = []
+    if online["labels_dead_letter_topic"] and not online["labels_topic"]:
+        problems.append(
+            f"{_who('labels_dead_letter_topic')}: has no effect without {_who('labels_topic')}"
+        )
+    separate = online["streams_api_host"] or online["streams_api_port"]
+    if separate and not online["streams_api"]:
+        problems.append(
+            f"{_who('streams_api_host')} and {_who('streams_api_port')}: have no effect "
+            f"unless {_who('streams_api')} turns the streams API on"
+        )
+    if online["streams_api_host"] and not online["streams_api_port"]:
+        problems.append(
+            f"{_who('streams_api_host')}: give {_who('streams_api_port')} too (without a port "
+            "of its own the streams API is served on the metrics port and host)"
+        )
+    port = online["streams_api_port"]
+    if port and port == observability["metrics_port"]:
+        problems.append(
+            f"{_who('streams_api_port')}: {port} is the metrics port; leave it 0 to serve the "
+            "streams API on the metrics port, or choose another"
         )
     return problems
 
@@ -676,7 +754,7 @@ def _rollout_checks(values: dict[str, dict[str, Any]], sources: Mapping[str, str
     theirs = [
         (n, topics[n])
         for n in ("input_topic", "output_topic", "dead_letter_topic", "changelog_topic")
-    ]
+    ] + [(n, values["online"][n]) for n in ("labels_topic", "labels_dead_letter_topic")]
     pairs = [(a, b) for a in ours for b in theirs] + [(ours[0], ours[1])]
     for (a, ta), (b, tb) in pairs:
         if ta and ta == tb:

@@ -14,6 +14,9 @@
 Every path answers HEAD like GET, without the body. The loop reports
 through a `LoopState` (`beat()`, `set_assigned()`, `set_restoring()`); the
 server runs in a daemon thread (one more per request) and only reads it.
+
+With `--streams-api` on the metrics port, `/streams` and `/streams/{key}` are passed to
+the streams API's app (`pipeline.streams_api`, the `streams` argument).
 """
 
 from __future__ import annotations
@@ -102,8 +105,9 @@ class HealthServer:
         host: str = "0.0.0.0",
         port: int = 9108,
         poll_interval: float = 0.5,
+        streams: WsgiApp | None = None,
     ) -> None:
-        self._app = health_app(registry, state)
+        self._app = health_app(registry, state, streams)
         self._poll_interval = poll_interval  # how fast `stop` is noticed
         self._address = (host, port)
         self._server: ThreadingWSGIServer | None = None
@@ -159,9 +163,13 @@ class HealthServer:
         self.stop()
 
 
-def health_app(registry: CollectorRegistry, state: LoopState) -> WsgiApp:
-    """The WSGI app behind the port: `/metrics` to prometheus-client, the rest here."""
+def health_app(
+    registry: CollectorRegistry, state: LoopState, streams: WsgiApp | None = None
+) -> WsgiApp:
+    """The WSGI app behind the port: `/metrics` to prometheus-client, `/streams...` to
+    `streams` when given, the rest here."""
     metrics = make_wsgi_app(registry)
+    known = "/metrics, /healthz, /readyz" + (", /streams" if streams is not None else "")
 
     def app(environ: Environ, start_response: StartResponse) -> Iterable[bytes]:
         head = environ["REQUEST_METHOD"] == "HEAD"
@@ -169,6 +177,10 @@ def health_app(registry: CollectorRegistry, state: LoopState) -> WsgiApp:
             # prometheus-client answers GET only; HEAD is GET without the body.
             environ = {**environ, "REQUEST_METHOD": "GET"}
         path = environ.get("PATH_INFO", "")
+        if streams is not None and (path == "/streams" or path.startswith("/streams/")):
+            return streams(
+                {**environ, "REQUEST_METHOD": "HEAD"} if head else environ, start_response
+            )
         if path == "/metrics":
             answered: list[tuple[str, list[tuple[str, str]]]] = []
             body = b"".join(metrics(environ, lambda *answer: answered.append(answer[:2])))
@@ -179,7 +191,7 @@ def health_app(registry: CollectorRegistry, state: LoopState) -> WsgiApp:
             body = json.dumps({"ok": ok, **detail}).encode()
             _respond(start_response, "200 OK" if ok else "503 Service Unavailable", body)
         else:
-            body = b"not found: try /metrics, /healthz, /readyz\n"
+            body = f"not found: try {known}\n".encode()
             _respond(start_response, "404 Not Found", body, "text/plain")
         # One empty write sends the headers as they are, Content-Length included.
         return [b"" if head else body]

@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import threading
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -293,6 +294,7 @@ class Metrics:
         self.model = Info(p + "model", "The model being served.", registry=registry)
         self.build = Info(p + "build", "The hiddenstate release serving.", registry=registry)
         self.build.info({"version": __version__})
+        self.online = OnlineMetrics(registry)  # hiddenstate_online_*: below
         # A shadow model beside the served one, and promotions (pipeline.shadow).
         self.rollout = RolloutMetrics(registry)
         ProcessCollector(registry=registry)
@@ -359,6 +361,119 @@ class Metrics:
         """Drop the lag series of a revoked partition (its new owner reports it)."""
         with contextlib.suppress(KeyError):  # never reported: nothing to drop
             self.consumer_lag.remove(str(partition))
+
+
+# How a label event fared against one model's recent predictions (`pipeline.ring`):
+# it judged one, it came after the prediction left the ring, or no such prediction is
+# held here.
+LABEL_RESULTS = ("judged", "late", "unknown_step")
+# Why a label event could not be read (it is dead-lettered with the reason).
+LABEL_REASONS = (
+    "missing_key",
+    "missing_value",
+    "oversized",
+    "undecodable",
+    "not_json",
+    "schema",
+    "wrong_type",
+    "non_finite",
+    "unknown_class",
+    "target_count",
+)
+# Which sums a task's judged predictions add to: the most probable class and the
+# log-loss of the label's probability, or the absolute and squared errors.
+TASK_SUMS = {
+    "classification": ("correct", "log_loss"),
+    "next_token": ("correct", "log_loss"),
+    "regression": ("absolute_error", "squared_error"),
+}
+
+
+class OnlineMetrics:
+    """`hiddenstate_online_*`: how well each served model does on the truth that arrives
+    later (`--labels-topic`, `pipeline.labels`), per model identity. Counters and sums
+    only, so that Prometheus computes accuracy, log-loss, MAE and RMSE over any window:
+
+        accuracy = rate(correct_total) / rate(labels_total{result="judged"})
+        log-loss = rate(log_loss_total) / rate(labels_total{result="judged"})
+        MAE      = rate(absolute_error_total) / rate(labels_total{result="judged"})
+        RMSE     = sqrt(rate(squared_error_total) / rate(labels_total{result="judged"}))
+    """
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        p = PREFIX + "online_"
+        self.labels = Counter(
+            p + "labels",
+            "Label events joined against a model's recent predictions, by model identity and "
+            "result: judged (it judged the prediction of its step), late (that prediction was "
+            "more than --label-horizon-steps steps ago), unknown_step (no such prediction is "
+            "held here: not predicted yet, another replica's stream, an earlier run).",
+            ["identity", "result"],
+            registry=registry,
+        )
+        self.correct = Counter(
+            p + "correct",
+            "Judged predictions whose most probable class was the label (classification and "
+            "next_token models).",
+            ["identity"],
+            registry=registry,
+        )
+        self.log_loss = Counter(
+            p + "log_loss",
+            "Sum of -ln(probability given to the label) over judged predictions, in nats, each "
+            "probability clipped at 1e-12 (classification and next_token models).",
+            ["identity"],
+            registry=registry,
+        )
+        self.absolute_error = Counter(
+            p + "absolute_error",
+            "Sum over judged predictions of the mean absolute error across the targets, in the "
+            "targets' raw units (regression models).",
+            ["identity"],
+            registry=registry,
+        )
+        self.squared_error = Counter(
+            p + "squared_error",
+            "Sum over judged predictions of the mean squared error across the targets, in the "
+            "targets' raw units squared (regression models).",
+            ["identity"],
+            registry=registry,
+        )
+        self.malformed = Counter(
+            p + "malformed_labels",
+            "Label events that could not be read, by reason; each is dead-lettered.",
+            ["reason"],
+            registry=registry,
+        )
+        self.waiting = Gauge(
+            p + "labels_waiting",
+            "Label events read but not joined yet: they wait until the input of their "
+            "partition has been served up to their time.",
+            registry=registry,
+        )
+        for reason in LABEL_REASONS:
+            self.malformed.labels(reason)
+
+    def register(self, identity: str, task: str) -> ModelScores:
+        """The counters of one model (every series created at 0, so rate() sees the first
+        increment); a shadow model registers its own identity beside the primary's."""
+        if task not in TASK_SUMS:
+            raise ValueError(f"unknown task {task!r}: expected one of {', '.join(TASK_SUMS)}")
+        return ModelScores(
+            identity=identity,
+            results={result: self.labels.labels(identity, result) for result in LABEL_RESULTS},
+            sums={name: getattr(self, name).labels(identity) for name in TASK_SUMS[task]},
+        )
+
+
+@dataclass(frozen=True)
+class ModelScores:
+    """One model's online counters: labels by result, and the sums of its task by name
+    (`TASK_SUMS`)."""
+
+    identity: str
+    results: dict[str, Counter]
+    sums: dict[str, Counter]
 
 
 class LabelledBatchHistogram:

@@ -30,6 +30,7 @@ from pipeline.delivery.exactly_once import ExactlyOnce
 from pipeline.errors import ConfigError, HiddenstateError, KafkaSetupError
 from pipeline.formats import Encoder, open_formats
 from pipeline.health import HealthServer, LoopState
+from pipeline.live import Live, ensure_labels_topics
 from pipeline.loop import LoopSettings, ServeLoop
 from pipeline.metrics import Metrics
 from pipeline.pause import PauseWatch
@@ -37,6 +38,8 @@ from pipeline.processor import make_processor
 from pipeline.rollout import Checkpoints, KafkaInputHistory
 from pipeline.runtime import OrtStepModel
 from pipeline.shadow import Shadow, check_shadow, make_shadow
+from pipeline.streams_api import HEADERS
+from pipeline.streams_server import StreamsServer
 from pipeline.transport import (
     RebalanceCallback,
     Source,
@@ -129,6 +132,8 @@ def check_topics(
         if model_name and not config.topics.changelog_topic:
             _warn_of_a_name_only_changelog(topics, config, changelog_topic, model_name)
         changelog.ensure_topic(topics, changelog_topic, partitions)
+        if config.online.labels_topic:
+            ensure_labels_topics(topics, config.online, partitions)
         if shadow_topics is not None:
             output, shadow_changelog = shadow_topics
             count = topics.ensure(output, partitions)
@@ -257,12 +262,15 @@ def run(config: ServeConfig) -> None:
         model.spec, device=model.device, provider=model.provider, fallback=model.fallback
     )
     health = LoopState(config.observability.liveness_timeout_seconds)
+    live = Live(config, model.spec, metrics)  # --labels-topic, --streams-api
     shadow = None
     if shadow_model is not None and shadow_topics is not None:
         shadow = open_shadow(config, model, shadow_model, metrics, shadow_topics[1])
+        live.judge_shadow(shadow)  # with --labels-topic, its predictions are judged too
     processor = make_processor(
-        model, config, metrics, decoder=decoder, encoder=encoder, shadow=shadow
+        model, config, metrics, decoder=decoder, encoder=live.encoder(encoder), shadow=shadow
     )
+    served = live.processor(processor, transport)
     reader = transport.changelog_reader(
         max(RESTORE_STALL_TIMEOUT_S, 2 * transaction_timeout_s(config))
     )
@@ -287,6 +295,7 @@ def run(config: ServeConfig) -> None:
         decoder=decoder,
     )
 
+    @live.following
     def make_source(
         on_assigned: RebalanceCallback, on_revoked: RebalanceCallback, on_lost: RebalanceCallback
     ) -> Source:
@@ -301,13 +310,20 @@ def run(config: ServeConfig) -> None:
             read_committed=True,
         )
 
+    streams = live.streams_app(partitions, served)
+    online = config.online
     server = HealthServer(
         metrics.registry,
         health,
         config.observability.metrics_host,
         config.observability.metrics_port,
+        streams=streams if not online.streams_api_port else None,
     ).start()
     log.info("metrics and health on http://%s:%d", config.observability.metrics_host, server.port)
+    apart = None
+    if streams is not None and online.streams_api_port:
+        host = online.streams_api_host or config.observability.metrics_host
+        apart = StreamsServer(streams, host, online.streams_api_port, headers=HEADERS).start()
     pause = PauseWatch(config.kafka.session_timeout_ms / 1000 / 2).start()
     try:
         identity = member_identity(config, server.port)
@@ -319,7 +335,7 @@ def run(config: ServeConfig) -> None:
             transaction_timeout_s(config),
         )
         loop = ServeLoop(
-            loop_settings(config), processor, committer, make_source, metrics, health, states, pause
+            loop_settings(config), served, committer, make_source, metrics, health, states, pause
         )
 
         watchdog = Watchdog(
@@ -349,6 +365,9 @@ def run(config: ServeConfig) -> None:
         if history is not None:
             history.close()
         pause.stop()
+        live.close()
+        if apart is not None:
+            apart.stop()
         server.stop()
 
 

@@ -36,6 +36,10 @@ restarts and is what a promotion checks.
 The two stores hold the same streams: the served store tells the shadow's which
 streams it evicted (`StateStore.on_forget`), the loop drops a partition from both
 (`Processor.drop_partition`), and a restore aligns them (`Shadow.align`).
+
+With `--labels-topic`, the shadow's predictions go to a prediction ring of its own
+(`Shadow.ring`, `pipeline.ring`) at the served model's step of each event, and the labels
+judge them into `hiddenstate_online_*` of the shadow's identity (`pipeline.live`).
 """
 
 from __future__ import annotations
@@ -56,6 +60,7 @@ from pipeline.formats import Encoder
 from pipeline.metrics import RolloutMetrics
 from pipeline.model_spec import ModelSpec
 from pipeline.records import OutputRecord
+from pipeline.ring import PredictionRing
 from pipeline.runtime import Outputs, StepModel
 from pipeline.settings import who
 from pipeline.state_store import Rows, StateStore
@@ -150,6 +155,8 @@ class Shadow:
         self._max_wave = max_wave_size
         self._x_dtype = np.int64 if model.spec.input.dtype == "int64" else np.float32
         self._n_features = len(model.spec.input.features)
+        # With --labels-topic, the ring its predictions are judged from (`pipeline.live`).
+        self.ring: PredictionRing | None = None
 
     @property
     def spec(self) -> ModelSpec:
@@ -191,6 +198,11 @@ class Shadow:
         outputs, new_states = self.model.step(x, store.gather(slots))
         inference = self._timer() - started
         store.scatter(slots, new_states)
+        if self.ring is not None:
+            # At the served model's steps, not its own: a label names a step as the served
+            # model counts it (its predictions carry it), and a cold stream's state has
+            # taken fewer. So a label judges both models' predictions of the same event.
+            self.ring.record(events, outputs, served_steps, now)
         records = self._encoder.encode_wave(
             events, outputs, store.steps(slots), queued_seconds, inference
         )

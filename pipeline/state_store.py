@@ -20,10 +20,19 @@ Eviction (LRU or idle TTL) forgets a stream: its next event starts from zeros,
 and a tombstone is queued so that the changelog forgets it too. Dropping a
 revoked partition forgets its streams without tombstones: the new owner
 restores them from the changelog. docs/state-store.md has the measured memory.
+
+Threads: the serving loop is the only writer. The streams API reads one stream
+from its HTTP thread (`view`, `streams_by_partition`), so every method that
+changes the index, the columns or the slabs holds `lock` (re-entrant), and so do
+those two readers: numpy may release the GIL in the middle of a fancy-index
+write, and a reader must never see half a row, or a slot handed to another key
+between two reads. Uncontended, the lock costs well under a microsecond per
+call, i.e. per wave.
 """
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Collection, Iterator, Sequence
 from dataclasses import dataclass
 from itertools import repeat
@@ -56,6 +65,18 @@ class Rows:
         if self.missed is None:
             return np.zeros(len(self.keys), dtype=np.int64)
         return self.missed
+
+
+@dataclass(frozen=True)
+class StreamView:
+    """One stream as the store holds it now, copied out under the lock (the streams API)."""
+
+    key: bytes
+    partition: int
+    offset: int
+    step: int
+    last_seen: float  # wall time of the stream's last event
+    states: tuple[NDArray[np.float32], ...]
 
 
 @dataclass(frozen=True)
@@ -112,6 +133,7 @@ class StateStore:
         self._high_water = 0  # slots [0, high_water) have been handed out at least once
         self._tick = 0
         self._tombstones: dict[bytes, int] = {}  # evicted key -> its partition
+        self.lock = threading.RLock()
 
     # ------------------------------------------------------------------ size
 
@@ -168,6 +190,12 @@ class StateStore:
             raise ValueError(
                 f"{len(keys)} streams in one call, the store holds {self._max_streams}"
             )
+        with self.lock:
+            return self._acquire(keys, partitions, offsets, now)
+
+    def _acquire(
+        self, keys: Sequence[bytes], partitions: ArrayLike, offsets: ArrayLike, now: float
+    ) -> Slots:
         self._tick += 1
         index = self._index
         # map() over the dict's own methods: the per-key work stays in C.
@@ -205,10 +233,11 @@ class StateStore:
 
     def scatter(self, slots: Slots, states: Sequence[NDArray[np.float32]]) -> None:
         """Write the new states of `slots` (distinct), count one step each, mark them dirty."""
-        for slab, new in zip(self._slabs, states, strict=True):
-            slab[slots] = new
-        self._steps[slots] += 1
-        self._dirty[slots] = True
+        with self.lock:
+            for slab, new in zip(self._slabs, states, strict=True):
+                slab[slots] = new
+            self._steps[slots] += 1
+            self._dirty[slots] = True
 
     def steps(self, slots: Slots) -> NDArray[np.int64]:
         """Steps taken by each of `slots` since it started (or was reset)."""
@@ -220,30 +249,58 @@ class StateStore:
 
     def set_missed(self, slots: Slots, missed: ArrayLike) -> None:
         """Record how many events of each of `slots`' stream its state never saw."""
-        self._missed[slots] = missed
+        with self.lock:
+            self._missed[slots] = missed
 
     def reset_slots(self, slots: Slots) -> None:
         """Zero the states, step counts and missed counts of `slots`, marked dirty: the
         streams start afresh, as `reset` does for one."""
-        self._clear(slots)
-        self._dirty[slots] = True
+        with self.lock:
+            self._clear(slots)
+            self._dirty[slots] = True
 
     # ------------------------------------------------------------------ per stream
 
     def reset(self, key: bytes) -> bool:
         """Zero a stream's state and step count; it is dirty, so the next checkpoint
         writes the fresh state. Returns False for an unknown stream (already zeros)."""
-        slot = self._index.get(key)
-        if slot is None:
-            return False
-        self._clear(np.asarray([slot], dtype=np.int64))
-        self._dirty[slot] = True
-        return True
+        with self.lock:
+            slot = self._index.get(key)
+            if slot is None:
+                return False
+            self._clear(np.asarray([slot], dtype=np.int64))
+            self._dirty[slot] = True
+            return True
 
     def snapshot(self, key: bytes) -> Snapshot | None:
         """A copy of one stream's state, or None for an unknown stream."""
         slot = self._index.get(key)
         return None if slot is None else self._snapshot(slot)
+
+    def view(self, key: bytes) -> StreamView | None:
+        """One stream's step, source, last-seen time and states, copied consistently
+        (safe from another thread), or None for a stream the store does not hold."""
+        with self.lock:
+            slot = self._index.get(key)
+            if slot is None:
+                return None
+            return StreamView(
+                key=key,
+                partition=int(self._partition[slot]),
+                offset=int(self._offset[slot]),
+                step=int(self._steps[slot]),
+                last_seen=float(self._last_seen[slot]),
+                states=tuple(slab[slot].copy() for slab in self._slabs),
+            )
+
+    def streams_by_partition(self) -> dict[int, int]:
+        """How many streams the store holds of each source partition (safe from another
+        thread); partitions without streams are absent."""
+        with self.lock:
+            hw = self._high_water
+            held = self._partition[:hw][self._last_used[:hw] != _FREE]
+        partitions, counts = np.unique(held, return_counts=True)
+        return dict(zip(partitions.tolist(), counts.tolist(), strict=True))
 
     def restore(self, snapshot: Snapshot, now: float) -> None:
         """Put a stream back as a snapshot recorded it (from the changelog); not dirty."""
@@ -295,12 +352,13 @@ class StateStore:
         chunk = self._max_streams
         for start in range(0, len(keys), chunk):
             part = slice(start, start + chunk)
-            slots = self.acquire(keys[part], partitions[part], offsets[part], now)
-            for slab, array in zip(self._slabs, states, strict=True):
-                slab[slots] = array[part]
-            self._steps[slots] = steps[part]
-            self._missed[slots] = missing[part]
-            self._dirty[slots] = False
+            with self.lock:  # per chunk: a stream is readable whole, not half restored
+                slots = self._acquire(keys[part], partitions[part], offsets[part], now)
+                for slab, array in zip(self._slabs, states, strict=True):
+                    slab[slots] = array[part]
+                self._steps[slots] = steps[part]
+                self._missed[slots] = missing[part]
+                self._dirty[slots] = False
 
     def already_applied(
         self, keys: Sequence[bytes], partitions: ArrayLike, offsets: ArrayLike
@@ -325,10 +383,11 @@ class StateStore:
         """Forget streams not seen for `idle_ttl_seconds` (tombstones queued); returns how many."""
         if self._ttl <= 0:
             return 0
-        hw = self._high_water
-        idle = (self._last_used[:hw] != _FREE) & (self._last_seen[:hw] < now - self._ttl)
-        victims = np.flatnonzero(idle)
-        forgotten = self._remove(victims, tombstone=True)
+        with self.lock:
+            hw = self._high_water
+            idle = (self._last_used[:hw] != _FREE) & (self._last_seen[:hw] < now - self._ttl)
+            victims = np.flatnonzero(idle)
+            forgotten = self._remove(victims, tombstone=True)
         if len(victims) and self._on_evict is not None:
             self._on_evict("ttl", len(victims))
         if forgotten and self._on_forget is not None:
@@ -338,20 +397,22 @@ class StateStore:
     def drop_partition(self, partition: int) -> int:
         """Forget the streams read from `partition` (revoked), without tombstones: the
         changelog keeps them for the next owner. Returns how many were dropped."""
-        hw = self._high_water
-        mask = (self._last_used[:hw] != _FREE) & (self._partition[:hw] == partition)
-        victims = np.flatnonzero(mask)
-        self._remove(victims, tombstone=False)
-        self._tombstones = {k: p for k, p in self._tombstones.items() if p != partition}
-        return len(victims)
+        with self.lock:
+            hw = self._high_water
+            mask = (self._last_used[:hw] != _FREE) & (self._partition[:hw] == partition)
+            victims = np.flatnonzero(mask)
+            self._remove(victims, tombstone=False)
+            self._tombstones = {k: p for k, p in self._tombstones.items() if p != partition}
+            return len(victims)
 
     def forget(self, keys: Sequence[bytes]) -> int:
         """Forget the streams of `keys` that are held (tombstones queued), as an eviction
         would, without calling `on_evict` or `on_forget`; returns how many there were."""
-        index = self._index
-        slots = np.fromiter((index[k] for k in keys if k in index), dtype=np.int64, count=-1)
-        self._remove(slots, tombstone=True)
-        return len(slots)
+        with self.lock:
+            index = self._index
+            slots = np.fromiter((index[k] for k in keys if k in index), dtype=np.int64, count=-1)
+            self._remove(slots, tombstone=True)
+            return len(slots)
 
     def rows(self, partitions: Collection[int], *, with_states: bool = True) -> Rows:
         """Copies of the streams read from `partitions`, as columns (nothing changes:
@@ -382,11 +443,12 @@ class StateStore:
         """Stop counting the streams of `partitions` as having missed events, and mark
         them dirty so that their next snapshots say so too; returns how many there were.
         (A promotion that accepted them: `pipeline.shadow`.)"""
-        slots = self._slots_of(partitions)
-        cold = slots[self._missed[slots] > 0]
-        self._missed[cold] = 0
-        self._dirty[cold] = True
-        return len(cold)
+        with self.lock:
+            slots = self._slots_of(partitions)
+            cold = slots[self._missed[slots] > 0]
+            self._missed[cold] = 0
+            self._dirty[cold] = True
+            return len(cold)
 
     def drain_dirty_rows(self) -> Rows:
         """The streams changed since the last drain, as columns; they are clean afterwards."""

@@ -9,6 +9,12 @@ for the dead-letter series, and Debian's `prometheus` binary on loopback (free p
 temporary data folder, 1 s scrapes and rule evaluations, the alert rules of
 docker/prometheus/rules.yml loaded, the target labelled with the namespace and pod a
 PodMonitor would give it). A missing `prometheus` or `promtool` fails the tests.
+
+The online-quality panels need a classifier and a regressor judged by labels: the
+classifier above (and its shadow) serves as pod hiddenstate-0, a regressor on the same
+events (its own group and output topic) as pod hiddenstate-1, each with a labels topic
+that a labeller thread fills with the truth for every prediction it reads (plus a bad
+label).
 """
 
 from __future__ import annotations
@@ -16,10 +22,12 @@ from __future__ import annotations
 import json
 import math
 import os
+import random
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.parse
 import urllib.request
@@ -30,6 +38,7 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 import yaml
+from kafka import KafkaConsumer, KafkaProducer
 
 from pipeline.testing import random_weights, write_onnx_step
 from tests.unit.deploy.promql import (
@@ -51,6 +60,46 @@ TARGET_LABELS = {"namespace": "prom-test", "pod": "hiddenstate-0"}
 GRAFANA_VARIABLES = {"__rate_interval": "30s", "job": JOB, "namespace": ".+", "pod": ".+"}
 BAD_EVENTS = {"not_json": 4, "feature_count": 3, "missing_key": 2}
 MODEL_NAME = "prom-gru"
+CLASSES = 4
+POD = 'pod="hiddenstate-0"'  # the classifier and its shadow; hiddenstate-1 is the regressor
+
+
+class Labeller(threading.Thread):
+    """Reads the classifier's predictions and publishes a label for each to both labels
+    topics: a random class for the classifier (and its shadow), random target values for
+    the regressor (both servers step the same events, so their steps agree)."""
+
+    def __init__(self, bootstrap: str, predictions: str, labels: dict[str, str]) -> None:
+        super().__init__(daemon=True, name="labeller")
+        self.servers = bootstrap
+        self.predictions = predictions
+        self.labels = labels
+        self.stopping = threading.Event()
+
+    def run(self) -> None:
+        rng = random.Random(0)
+        consumer = KafkaConsumer(
+            self.predictions, bootstrap_servers=self.servers, auto_offset_reset="earliest"
+        )
+        producer = KafkaProducer(bootstrap_servers=self.servers, linger_ms=5)
+        producer.send(self.labels["classification"], key=b"x", value=b"{not json")
+        try:
+            while not self.stopping.is_set():
+                for records in consumer.poll(timeout_ms=200).values():
+                    for record in records:
+                        step = json.loads(record.value)["step"]
+                        truth = {
+                            "classification": rng.randrange(CLASSES),
+                            "regression": [rng.random(), rng.random()],
+                        }
+                        for task, topic in self.labels.items():
+                            value = json.dumps({"step": step, "y": truth[task]}).encode()
+                            producer.send(topic, key=record.key, value=value)
+        finally:
+            producer.close(timeout=5)
+            consumer.close()
+
+
 STREAMS = 50  # of `hiddenstate produce --source synthetic`
 
 
@@ -127,42 +176,75 @@ def stack(
     tmp = tmp_path_factory.mktemp("prometheus-stack")
     model = write_onnx_step(
         random_weights(
-            "gru", n_features=3, hidden=16, layers=2, name=MODEL_NAME, task="classification"
+            "gru",
+            n_features=3,
+            hidden=16,
+            layers=2,
+            n_outputs=CLASSES,
+            name=MODEL_NAME,
+            task="classification",
         ),
         tmp / "m.onnx",
     )
     shadow = write_onnx_step(
         random_weights(
-            "lstm", n_features=3, hidden=12, name=MODEL_NAME, version="2", task="classification"
+            "lstm",
+            n_features=3,
+            hidden=12,
+            n_outputs=CLASSES,
+            name=MODEL_NAME,
+            version="2",
+            task="classification",
         ),
         tmp / "shadow.onnx",
     )
+    regressor = write_onnx_step(
+        random_weights("gru", n_features=3, hidden=8, name="prom-reg"), tmp / "r.onnx"
+    )
     topic = kafka.create_topic("prom-events", partitions=2)
-    metrics_port, prometheus_port = _free_port(), _free_port()
+    labels = {
+        "regression": kafka.create_topic("prom-labels-reg", partitions=2),
+        "classification": kafka.create_topic("prom-labels-cls", partitions=2),
+    }
+    metrics_port, regressor_port, prometheus_port = _free_port(), _free_port(), _free_port()
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     processes: list[subprocess.Popen[bytes]] = []
     server_log = tmp / "serve.log"
+    labeller = Labeller(kafka_bootstrap, f"{topic}.predictions", labels)
     try:
-        with server_log.open("wb") as log:
-            processes.append(
-                subprocess.Popen(
-                    _cli(
-                        "serve",
-                        "--transport", serve_transport,
-                        "--model", str(model),
-                        "--shadow-model", str(shadow),
-                        "--input-topic", topic,
-                        "--output-topic", f"{topic}.predictions",
-                        "--bootstrap-servers", kafka_bootstrap,
-                        "--metrics-host", "127.0.0.1",
-                        "--metrics-port", str(metrics_port),
-                        "--checkpoint-interval-seconds", "1",
-                    ),
-                    cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
-                )
-            )  # fmt: skip
+        for name, path, port, output, task, shadowed in (
+            ("serve", model, metrics_port, f"{topic}.predictions", "classification", True),
+            ("regress", regressor, regressor_port, f"{topic}.values", "regression", False),
+        ):
+            with (tmp / f"{name}.log").open("wb") as log:
+                processes.append(
+                    subprocess.Popen(
+                        _cli(
+                            "serve",
+                            "--transport", serve_transport,
+                            "--model", str(path),
+                            *(("--shadow-model", str(shadow)) if shadowed else ()),
+                            "--input-topic", topic,
+                            "--output-topic", output,
+                            "--group-id", f"prom-{name}",
+                            "--labels-topic", labels[task],
+                            "--bootstrap-servers", kafka_bootstrap,
+                            "--metrics-host", "127.0.0.1",
+                            "--metrics-port", str(port),
+                            "--checkpoint-interval-seconds", "1",
+                        ),
+                        cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
+                    )
+                )  # fmt: skip
         metrics_url = f"http://127.0.0.1:{metrics_port}"
-        _wait("serve is not ready", lambda: _get(f"{metrics_url}/readyz")[0] == 200, 45, server_log)
+        for port in (metrics_port, regressor_port):
+            _wait(
+                "serve is not ready",
+                lambda port=port: _get(f"http://127.0.0.1:{port}/readyz")[0] == 200,
+                45,
+                server_log,
+            )
+        labeller.start()
 
         bad = [(b"bad", b"{not json")] * BAD_EVENTS["not_json"]
         bad += [(b"bad", json.dumps({"x": [1.0]}).encode())] * BAD_EVENTS["feature_count"]
@@ -186,7 +268,11 @@ def stack(
                 {
                     "job_name": JOB,
                     "static_configs": [
-                        {"targets": [f"127.0.0.1:{metrics_port}"], "labels": TARGET_LABELS}
+                        {"targets": [f"127.0.0.1:{metrics_port}"], "labels": TARGET_LABELS},
+                        {
+                            "targets": [f"127.0.0.1:{regressor_port}"],
+                            "labels": {**TARGET_LABELS, "pod": "hiddenstate-1"},
+                        },
                     ],
                 }
             ],
@@ -215,19 +301,24 @@ def stack(
         )
         bad_total = sum(BAD_EVENTS.values())
         _wait(
-            "prometheus has no 12 s of scrapes under load with every dead letter",
+            "prometheus has no 12 s of scrapes under load with every dead letter and labels",
             lambda: (
-                stack.value(f'count_over_time(up{{job="{JOB}"}}[1m])') >= 12
+                stack.value(f'min(count_over_time(up{{job="{JOB}"}}[1m]))') >= 12
                 and stack.value("sum(rate(hiddenstate_predictions_total[10s]))") > 0
-                and stack.value("sum(hiddenstate_dead_letters_total)") == bad_total
+                and stack.value(f"sum(hiddenstate_dead_letters_total{{{POD}}})") == bad_total
+                and stack.value('min(rate(hiddenstate_online_labels_total{result="judged"}[10s]))')
+                > 0
             ),
-            45,
+            60,
             server_log,
         )
         yield stack
     finally:
+        labeller.stopping.set()
         for process in reversed(processes):
             _stop(process)
+        if labeller.is_alive():
+            labeller.join(timeout=10)
 
 
 def test_every_dashboard_query_returns_data(stack: Stack) -> None:
@@ -275,13 +366,13 @@ def test_every_alert_expression_on_the_servers_metrics_returns_data(stack: Stack
 def test_the_absence_alert_is_silent_while_the_server_is_scraped(stack: Stack) -> None:
     (absence,) = [r for r in alert_rules() if r["expr"].startswith("absent(")]
     assert stack.query(absence["expr"]) == []
-    assert stack.value(f'up{{job="{JOB}"}}') == 1
+    assert stack.value(f'up{{job="{JOB}", {POD}}}') == 1
 
 
 def test_the_target_carries_the_namespace_and_pod_the_rules_and_dashboard_name(
     stack: Stack,
 ) -> None:
-    (up,) = stack.query(f'up{{job="{JOB}"}}')
+    (up,) = stack.query(f'up{{job="{JOB}", {POD}}}')
     assert {k: up["metric"][k] for k in TARGET_LABELS} == TARGET_LABELS
 
 
@@ -293,20 +384,20 @@ def test_prometheus_evaluates_every_alert_rule_without_error(stack: Stack) -> No
 
 
 def test_dead_letters_reach_prometheus_by_reason(stack: Stack) -> None:
-    result = stack.query("sum by (reason) (hiddenstate_dead_letters_total) > 0")
+    result = stack.query(f"sum by (reason) (hiddenstate_dead_letters_total{{{POD}}}) > 0")
     assert {r["metric"]["reason"]: float(r["value"][1]) for r in result} == BAD_EVENTS
 
 
 def test_model_info_names_the_served_model_and_device(stack: Stack) -> None:
-    (info,) = stack.query(f'hiddenstate_model_info{{job="{JOB}"}}')
+    (info,) = stack.query(f'hiddenstate_model_info{{job="{JOB}", {POD}}}')
     labels = info["metric"]
     assert (labels["name"], labels["device"], labels["cell"]) == (MODEL_NAME, "cpu", "gru")
 
 
 def test_both_partitions_report_their_lag(stack: Stack) -> None:
-    partitions = stack.query("hiddenstate_consumer_lag")
+    partitions = stack.query(f"hiddenstate_consumer_lag{{{POD}}}")
     assert sorted(r["metric"]["partition"] for r in partitions) == ["0", "1"]
-    assert stack.value("hiddenstate_assigned_partitions") == 2
+    assert stack.value(f"hiddenstate_assigned_partitions{{{POD}}}") == 2
 
 
 def test_promtool_accepts_the_servers_metrics_exposition(stack: Stack) -> None:
@@ -322,15 +413,49 @@ def test_promtool_accepts_the_servers_metrics_exposition(stack: Stack) -> None:
     assert b"hiddenstate_events_total" in exposition
 
 
+def test_labels_judge_every_model_the_shadow_too_and_a_bad_one_is_counted(stack: Stack) -> None:
+    judged = stack.query('sum by (identity) (hiddenstate_online_labels_total{result="judged"}) > 0')
+    versions = sorted(r["metric"]["identity"].split("#")[0] for r in judged)
+    malformed = f'sum(hiddenstate_online_malformed_labels_total{{reason="not_json", {POD}}})'
+    assert versions == [f"{MODEL_NAME}@1", f"{MODEL_NAME}@2", "prom-reg@1"]
+    assert stack.value(malformed) == 1
+
+
+def test_the_online_accuracy_of_random_labels_is_about_one_in_the_number_of_classes(
+    stack: Stack,
+) -> None:
+    """Random classifiers (the served one and its shadow) judged by random classes: each
+    right about a quarter of the time, on the same labels."""
+    correct = stack.query(f"sum by (identity) (hiddenstate_online_correct_total{{{POD}}})")
+    judged = {
+        r["metric"]["identity"]: float(r["value"][1])
+        for r in stack.query(
+            f'sum by (identity) (hiddenstate_online_labels_total{{{POD}, result="judged"}})'
+        )
+    }
+    accuracy = {
+        r["metric"]["identity"].split("#")[0]: float(r["value"][1])
+        / judged[r["metric"]["identity"]]
+        for r in correct
+    }
+    assert sorted(accuracy) == [f"{MODEL_NAME}@1", f"{MODEL_NAME}@2"]
+    assert min(judged.values()) >= 100
+    bound = 5 * math.sqrt(min(judged.values())) / min(judged.values())
+    assert {v: abs(a - 1 / CLASSES) < bound for v, a in accuracy.items()} == dict.fromkeys(
+        accuracy, True
+    )
+
+
 def test_the_shadow_is_scraped_with_every_stream_warm_and_its_difference_measured(
     stack: Stack,
 ) -> None:
-    (info,) = stack.query(f'hiddenstate_shadow_model_info{{job="{JOB}"}}')
+    # Only the classifier's pod has a shadow (the regressor's exposes an empty info).
+    (info,) = stack.query(f'hiddenstate_shadow_model_info{{job="{JOB}", {POD}}}')
     assert (info["metric"]["name"], info["metric"]["version"]) == (MODEL_NAME, "2")
     assert stack.value('sum(hiddenstate_shadow_streams{warmth="warm"})') == STREAMS
     assert stack.value('sum(hiddenstate_shadow_streams{warmth="cold"})') == 0
-    shadowed = stack.value("sum(rate(hiddenstate_shadow_predictions_total[10s]))")
-    served = stack.value("sum(rate(hiddenstate_predictions_total[10s]))")
+    shadowed = stack.value(f"sum(rate(hiddenstate_shadow_predictions_total{{{POD}}}[10s]))")
+    served = stack.value(f"sum(rate(hiddenstate_predictions_total{{{POD}}}[10s]))")
     assert shadowed == pytest.approx(served, rel=0.2)
     compared = stack.value("sum(hiddenstate_shadow_abs_difference_count)")
     agreed = stack.value("sum(hiddenstate_shadow_argmax_agreements_total)")

@@ -467,3 +467,66 @@ def test_client_settings_build_the_producers_keyword_arguments():
 def test_client_settings_need_the_registry_url_for_a_registry_format():
     with pytest.raises(ConfigError, match="required with a registry format"):
         client_from_sources({}, {}, registry_needed=True)
+
+
+def test_labels_and_the_streams_api_are_off_by_default():
+    online = load().online
+    assert (online.labels_topic, online.streams_api, online.label_horizon_steps) == ("", False, 64)
+
+
+def test_the_labels_dead_letter_topic_derives_from_the_labels_topic():
+    assert load("--labels-topic", "truth").online.labels_dead_letter_topic == "truth.dead-letter"
+
+
+def test_the_streams_api_is_turned_on_by_its_environment_variable():
+    assert load(streams_api="true").online.streams_api is True
+
+
+def test_a_labels_topic_that_is_the_input_topic_is_refused():
+    with pytest.raises(
+        ConfigError, match="--input-topic / HIDDENSTATE_INPUT_TOPIC and --labels-topic"
+    ):
+        load("--labels-topic", "events")
+
+
+def test_an_invalid_labels_topic_name_is_refused():
+    with pytest.raises(ConfigError, match="--labels-topic / HIDDENSTATE_LABELS_TOPIC: 'a b'"):
+        load("--labels-topic", "a b")
+
+
+def test_a_labels_dead_letter_topic_without_a_labels_topic_is_refused():
+    with pytest.raises(ConfigError, match="has no effect without --labels-topic"):
+        load("--labels-dead-letter-topic", "bad-labels")
+
+
+def test_a_horizon_of_zero_steps_is_refused():
+    with pytest.raises(
+        ConfigError, match="--label-horizon-steps / HIDDENSTATE_LABEL_HORIZON_STEPS"
+    ):
+        load("--label-horizon-steps", "0")
+
+
+def test_a_streams_api_port_without_the_api_is_refused():
+    with pytest.raises(ConfigError, match="have no effect unless --streams-api"):
+        load("--streams-api-port", "9109")
+
+
+def test_a_streams_api_host_without_a_port_of_its_own_is_refused():
+    with pytest.raises(
+        ConfigError, match="give --streams-api-port / HIDDENSTATE_STREAMS_API_PORT too"
+    ):
+        load("--streams-api", "--streams-api-host", "10.0.0.1")
+
+
+def test_the_streams_api_port_cannot_be_the_metrics_port():
+    with pytest.raises(ConfigError, match="9108 is the metrics port"):
+        load("--streams-api", "--streams-api-port", "9108")
+
+
+def test_the_streams_api_on_a_port_of_its_own_is_accepted():
+    online = load("--streams-api", "--streams-api-port", "9109").online
+    assert (online.streams_api, online.streams_api_port, online.streams_api_host) == (
+        True,
+        9109,
+        "",
+    )

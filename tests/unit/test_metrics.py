@@ -6,7 +6,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from pipeline.codec import REASONS
-from pipeline.metrics import REBALANCE_KINDS, BatchHistogram, Metrics
+from pipeline.metrics import LABEL_REASONS, REBALANCE_KINDS, BatchHistogram, Metrics
 from pipeline.testing import random_weights
 
 ALLOWED_LABELS = {
@@ -21,6 +21,7 @@ ALLOWED_LABELS = {
     "cell",
     "device",
     "provider",
+    "result",
     "output",
     "warmth",
 }
@@ -72,6 +73,13 @@ def test_the_exposition_has_every_declared_metric(metrics):
         "hiddenstate_device_fallback",
         "hiddenstate_model_info",
         "hiddenstate_build_info",
+        "hiddenstate_online_labels",
+        "hiddenstate_online_correct",
+        "hiddenstate_online_log_loss",
+        "hiddenstate_online_absolute_error",
+        "hiddenstate_online_squared_error",
+        "hiddenstate_online_malformed_labels",
+        "hiddenstate_online_labels_waiting",
         "hiddenstate_shadow_model_info",
         "hiddenstate_shadow_predictions",
         "hiddenstate_shadow_abs_difference",
@@ -248,6 +256,52 @@ def test_count_commit_failure_adds_one(metrics):
 def test_count_delivery_error_adds_one(metrics):
     metrics.count_delivery_error()
     assert sample(metrics.registry, "hiddenstate_delivery_errors_total") == 1
+
+
+def test_a_model_registered_for_labels_has_every_series_at_zero(metrics):
+    metrics.online.register("m@1#0", "classification")
+    registry = metrics.registry
+    for result in ("judged", "late", "unknown_step"):
+        assert (
+            sample(registry, "hiddenstate_online_labels_total", identity="m@1#0", result=result)
+            == 0
+        )
+    assert sample(registry, "hiddenstate_online_correct_total", identity="m@1#0") == 0
+    assert sample(registry, "hiddenstate_online_log_loss_total", identity="m@1#0") == 0
+    assert sample(registry, "hiddenstate_online_absolute_error_total", identity="m@1#0") is None
+
+
+def test_a_regression_model_gets_the_error_sums(metrics):
+    metrics.online.register("r@1#0", "regression")
+    assert sample(metrics.registry, "hiddenstate_online_squared_error_total", identity="r@1#0") == 0
+    assert sample(metrics.registry, "hiddenstate_online_correct_total", identity="r@1#0") is None
+
+
+def test_a_shadow_model_is_counted_apart_by_its_identity(metrics):
+    primary = metrics.online.register("m@1#0", "classification")
+    shadow = metrics.online.register("m@2#1", "classification")
+    primary.results["judged"].inc(3)
+    shadow.results["judged"].inc(1)
+    judged = {
+        identity: sample(
+            metrics.registry, "hiddenstate_online_labels_total", identity=identity, result="judged"
+        )
+        for identity in ("m@1#0", "m@2#1")
+    }
+    assert judged == {"m@1#0": 3, "m@2#1": 1}
+
+
+def test_an_unknown_task_is_refused_by_name(metrics):
+    with pytest.raises(ValueError, match="unknown task 'ranking'"):
+        metrics.online.register("m@1#0", "ranking")
+
+
+def test_every_malformed_label_reason_exists_from_the_start(metrics):
+    for reason in LABEL_REASONS:
+        assert (
+            sample(metrics.registry, "hiddenstate_online_malformed_labels_total", reason=reason)
+            == 0
+        )
 
 
 def test_a_shadow_makes_its_series_exist_at_zero(metrics):

@@ -32,6 +32,7 @@ COMPONENTS = (
     "shadow-model",
     "grafana-dashboard",
     "nvidia-runtime-class",
+    "streams-api",
 )
 # What a component needs beside it, and what never goes together (two autoscalers of one
 # StatefulSet; two sources of the model).

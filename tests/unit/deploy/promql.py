@@ -152,6 +152,9 @@ def exported_metric_names() -> set[str]:
     registry = CollectorRegistry()
     metrics = Metrics(registry)
     metrics.set_lag(0, 0)  # a labelled gauge has no sample until a label value is set
+    # The online counters have a sample per model identity once a model is registered.
+    metrics.online.register("classifier@1#0", "classification")
+    metrics.online.register("regressor@1#0", "regression")
     # Likewise the shadow's series, which exist once a shadow is set.
     metrics.rollout.set_shadow(
         random_weights().spec, device="cpu", provider="", compared=["y"], argmax=["y"]

@@ -639,6 +639,48 @@ def test_the_runtime_class_component_asks_for_the_nvidia_runtime(
     assert "runtimeClassName" not in _pod(rendered_combinations[""])
 
 
+# ----------------------------------------------------------------- the streams API
+
+
+def test_the_streams_api_is_off_without_its_component(docs: Docs, tmp_path: Path) -> None:
+    assert _config(docs, tmp_path).online.streams_api is False
+
+
+def test_the_streams_api_component_serves_it_on_a_port_of_its_own(
+    rendered_combinations: dict[str, Docs], tmp_path: Path
+) -> None:
+    docs = rendered_combinations["streams-api"]
+    online = _config(docs, tmp_path).online
+    ports = {p["name"]: p["containerPort"] for p in _container(docs)["ports"]}
+    service = _one(docs, "Service")["spec"]
+    assert (online.streams_api, online.streams_api_port) == (True, 9109)
+    assert ports == {"metrics": 9108, "streams": 9109}
+    assert {p["name"]: p["targetPort"] for p in service["ports"]} == {
+        "metrics": "metrics",
+        "streams": "streams",
+    }
+    # Headless, no node port, no load balancer: reachable inside the cluster only.
+    assert (service["clusterIP"], service.get("type", "ClusterIP")) == ("None", "ClusterIP")
+
+
+def test_only_labelled_clients_in_the_namespace_reach_the_streams_api(
+    rendered_combinations: dict[str, Docs],
+) -> None:
+    docs = rendered_combinations["streams-api"]
+    policy = _one(docs, "NetworkPolicy")["spec"]
+    pod_labels = _one(docs, "StatefulSet")["spec"]["template"]["metadata"]["labels"]
+    by_port = {rule["ports"][0]["port"]: rule["from"] for rule in policy["ingress"]}
+    assert policy["policyTypes"] == ["Ingress"]
+    assert policy["podSelector"]["matchLabels"].items() <= pod_labels.items()
+    assert all(len(rule["ports"]) == 1 and rule.get("from") for rule in policy["ingress"])
+    assert by_port == {
+        "streams": [{"podSelector": {"matchLabels": {"hiddenstate.io/streams-client": "true"}}}],
+        "metrics": [
+            {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}
+        ],
+    }
+
+
 # ----------------------------------------------------------------- the demo
 
 
@@ -693,7 +735,7 @@ def test_every_operator_kind_rendered_has_a_vendored_crd(every_rendering: dict[s
         for docs in every_rendering.values()
         for d in docs
         if "." in d["apiVersion"].split("/")[0]
-        and not d["apiVersion"].startswith(("apps/", "policy/"))
+        and not d["apiVersion"].startswith(("apps/", "policy/", "networking.k8s.io/"))
     }
     assert used == OPERATOR_KINDS == crd_kinds
 

@@ -13,7 +13,7 @@ import torch
 from export.checkpoint import load_checkpoint
 from export.data import Dataset, SequenceSet, load_dataset
 from export.models import NetConfig
-from export.train import TrainConfig, train, write_events
+from export.train import TrainConfig, train, write_events, write_labels
 
 FAST = TrainConfig(epochs=8, batch_size=32, bptt=16, lr=1e-2, patience=3, progress=False)
 
@@ -88,6 +88,35 @@ def test_holdout_events_interleave_streams_in_per_stream_time_order(
     np.testing.assert_array_equal(
         np.array(own, np.float32), vowels.test.inputs[0, : vowels.test.lengths[0]]
     )
+
+
+def test_holdout_labels_give_each_events_class_at_its_step_in_the_events_order(
+    trained_vowels, vowels: Dataset
+) -> None:
+    out = trained_vowels.out_dir
+    events = [json.loads(line) for line in (out / "holdout-events.jsonl").read_text().splitlines()]
+    labels = [json.loads(line) for line in (out / "holdout-labels.jsonl").read_text().splitlines()]
+    assert [label["key"] for label in labels] == [event["key"] for event in events]
+    first_key = labels[0]["key"]
+    own = [label["value"] for label in labels if label["key"] == first_key]
+    length = int(vowels.test.lengths[0])
+    assert [label["step"] for label in own] == list(range(1, length + 1))
+    assert [label["y"] for label in own] == vowels.test.targets[0, :length].tolist()
+
+
+def test_regression_labels_carry_the_target_values(tmp_path: Path) -> None:
+    split = SequenceSet(
+        inputs=np.zeros((1, 2, 2), np.float32),
+        targets=np.array([[[0.1, 2.0], [-3.5, 0.25]]], np.float32),
+        lengths=np.array([2]),
+        keys=("m",),
+    )
+    write_labels(tmp_path / "l.jsonl", split, "regression")
+    lines = (tmp_path / "l.jsonl").read_text().splitlines()
+    assert [json.loads(line) for line in lines] == [
+        {"key": "m", "value": {"step": 1, "y": [0.1, 2.0]}},
+        {"key": "m", "value": {"step": 2, "y": [-3.5, 0.25]}},
+    ]
 
 
 def test_token_events_carry_the_token_id(tmp_path: Path) -> None:
