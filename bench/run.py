@@ -961,6 +961,17 @@ def plot_added(summary: dict[str, Any], results: dict[str, Any], path: Path) -> 
     ax.axhline(0, color="black", linewidth=0.6)
     ax.set_xscale("log")
     ax.set_yscale("symlog", linthresh=1)
+    lowest = min(
+        (
+            s[k]
+            for row in summary.values()
+            for s in row["latency"]
+            for k in ("added_p50_ms",)
+            if k in s
+        ),
+        default=0.0,
+    )
+    ax.set_ylim(bottom=min(-1.0, lowest * 1.5))
     ax.set_xlabel("offered load (events/s): fixed rates and 25/50/75% of each one's capacity")
     ax.set_ylabel("latency added over the floor (ms): subject - plain reader of the input")
     _title(ax, results)
