@@ -109,14 +109,20 @@ chaos: setup
 wheel: setup
 	$(BIN)/python -m pytest tests/wheel
 
-# The benchmark: throughput, latency against load, CPU and memory of `hiddenstate serve`
-# (both transports) and of the hand-written baseline, the restore rate, and the profiles.
-# About 30 minutes; writes artifacts/bench/ and docs/benchmark-latency.png. Uses
-# $$KAFKA_BOOTSTRAP_SERVERS when set, else the local broker (started if needed, left running).
+# The benchmark: throughput (also as a share of a passthrough: consume, produce the same
+# bytes, commit), latency against load and the latency added over a plain reader of the
+# input (the floor), CPU and memory of `hiddenstate serve` (both transports) and of the
+# hand-written baseline, the restore rate, and the profiles. About 30 minutes; writes
+# artifacts/bench/, docs/benchmark-latency.png and docs/benchmark-latency-added.png.
+# `make bench BENCH_ARGS=--quick`: the run.py part in a few minutes (one run, short
+# stages). Uses $$KAFKA_BOOTSTRAP_SERVERS when set, else the local broker (started if
+# needed, left running).
+BENCH_ARGS ?=
 bench: setup
 	export KAFKA_BOOTSTRAP_SERVERS=$${KAFKA_BOOTSTRAP_SERVERS:-$$($(BIN)/hiddenstate kafka start)}
 	$(BIN)/python bench/run.py --bootstrap-servers $$KAFKA_BOOTSTRAP_SERVERS \
-	  --out artifacts/bench/bench.json --plot docs/benchmark-latency.png
+	  --out artifacts/bench/bench.json --plot docs/benchmark-latency.png $(BENCH_ARGS)
+	case " $(BENCH_ARGS) " in *" --quick "*) exit 0;; esac
 	$(BIN)/python bench/restore.py --bootstrap-servers $$KAFKA_BOOTSTRAP_SERVERS \
 	  --streams 1000000 --runs 3
 	$(BIN)/python bench/measure_state_store.py --streams 1000000

@@ -171,6 +171,10 @@ class Reader:
     # The record's own timestamp: for a prediction, when the server handed it to its
     # producer (CreateTime), which splits the latency into before and after that.
     produced: list[int] = field(default_factory=list)
+    # keep_values: every record's value too (bench/latency_breakdown.py reads the
+    # prediction's own latency fields; costs memory, for short gentle runs)
+    keep_values: bool = False
+    values: list[bytes] = field(default_factory=list)
     _stop: threading.Event = field(default_factory=threading.Event)
     _thread: threading.Thread | None = None
 
@@ -224,6 +228,8 @@ class Reader:
                     if value is None:
                         continue
                     produced.append(message.timestamp()[1])
+                    if self.keep_values:
+                        self.values.append(value)
                     start = value.find(find) + skip
                     while value[start] == 32:  # json.dumps writes a space after the colon
                         start += 1

@@ -2,6 +2,7 @@
 README show), so that every number there comes from a file and a command.
 
     python bench/report.py artifacts/bench/bench.json                # run.py results
+    python bench/report.py artifacts/bench/bench.json --added        # the latency probe
     python bench/report.py artifacts/bench/milestones.json --milestones
     python bench/report.py artifacts/bench/restore.json --restore
     python bench/report.py artifacts/bench/contention.json --contention
@@ -30,10 +31,10 @@ def main_table(results: dict[str, Any]) -> str:
     summary = results["summary"]
     subjects = results["subjects"]
     lines = [
-        "| subject | events/s (runs) | x baseline | CPU s / 1,000 events | peak RSS MiB "
-        "| p50 / p95 / p99 ms at 1/2 capacity (reader) | p99 ms at 1/2 (server histogram) "
-        "| memory per stream |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| subject | events/s (runs) | x baseline | share of passthrough | CPU s / 1,000 events "
+        "| peak RSS MiB | p50 / p95 / p99 ms at 1/2 capacity (reader) "
+        "| p99 ms at 1/2 (server histogram) | memory per stream |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for label, row in summary.items():
         kind = subjects[label]["kind"]
@@ -50,7 +51,7 @@ def main_table(results: dict[str, Any]) -> str:
             per_stream = "-"
         if kind == "floor":
             lines.append(
-                f"| {label} (no server) | - | - | - | - | {_num(half.get('p50_ms'), 1)} / "
+                f"| {label} (no server) | - | - | - | - | - | {_num(half.get('p50_ms'), 1)} / "
                 f"{_num(half.get('p95_ms'), 1)} / {_num(half.get('p99_ms'), 1)} "
                 f"at {_num(half.get('offered_events_per_second'))}/s | - | - |"
             )
@@ -58,11 +59,43 @@ def main_table(results: dict[str, Any]) -> str:
         lines.append(
             f"| {label} | **{_num(row['events_per_second'])}** ({runs}) "
             f"| {_num(row.get('throughput_vs_baseline'), 1, 'x')} "
+            f"| {_num(_pct(row.get('share_of_passthrough')), 0, '%')} "
             f"| {_num(row['cpu_seconds_per_1000_events'], 3)} | {_num(row['peak_rss_mib'])} "
             f"| {_num(half.get('p50_ms'), 1)} / {_num(half.get('p95_ms'), 1)} / "
             f"**{_num(half.get('p99_ms'), 1)}** at {_num(half.get('offered_events_per_second'))}/s "
             f"| {_num(half.get('server_p99_ms'), 1)} | {per_stream} |"
         )
+    return "\n".join(lines)
+
+
+def _pct(share: float | None) -> float | None:
+    return None if share is None else share * 100
+
+
+def added_table(results: dict[str, Any]) -> str:
+    """The latency probe: per subject and offered rate, the reader's p50/p99/p99.9, the
+    floor's at the same rate (a reader of the input, no server) and the difference."""
+    lines = [
+        "| subject | offered events/s | share of capacity | p50 / p99 / p99.9 ms "
+        "| floor p50 / p99 / p99.9 ms | added p50 / p99 / p99.9 ms |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    for label, row in results["summary"].items():
+        if results["subjects"][label]["kind"] == "floor":
+            continue
+        for s in row["latency"]:
+            if "added_p50_ms" not in s:
+                continue
+            share = s["fraction_of_capacity"]
+            lines.append(
+                f"| {label} | {_num(s['offered_events_per_second'])} "
+                f"| {'-' if share != share else f'{share:.2f}'} "
+                f"| {_num(s['p50_ms'], 1)} / {_num(s['p99_ms'], 1)} / {_num(s['p999_ms'], 1)} "
+                f"| {_num(s['floor_p50_ms'], 1)} / {_num(s['floor_p99_ms'], 1)} / "
+                f"{_num(s['floor_p999_ms'], 1)} "
+                f"| **{s['added_p50_ms']:+.1f}** / **{s['added_p99_ms']:+.1f}** / "
+                f"{s['added_p999_ms']:+.1f} |"
+            )
     return "\n".join(lines)
 
 
@@ -140,6 +173,9 @@ def main() -> int:
     kind.add_argument("--milestones", action="store_true")
     kind.add_argument("--restore", action="store_true")
     kind.add_argument("--contention", action="store_true", help="the latency sweep's CPU view")
+    kind.add_argument(
+        "--added", action="store_true", help="the latency probe: added over the floor"
+    )
     args = parser.parse_args()
     results = json.loads(args.results.read_text())
     if args.milestones:
@@ -148,10 +184,14 @@ def main() -> int:
         print(restore_table(results))
     elif args.contention:
         print(contention_table(results))
+    elif args.added:
+        print(added_table(results))
     else:
         env = results["environment"]
         print(f"{env['date']}, {env['machine']}; `{env['command']}`\n")
         print(main_table(results))
+        print()
+        print(added_table(results))
         print()
         print(latency_table(results))
     return 0

@@ -1,10 +1,10 @@
 """The benchmark: `hiddenstate serve` against the hand-written baseline, on a real broker.
 
     python bench/run.py                      # what `make bench` runs
-    python bench/run.py --runs 1 --quick     # a smoke run of a few minutes
+    python bench/run.py --quick              # a short run of a few minutes (one run)
 
 Subjects (`--subject LABEL:KIND[:TREE]`, repeatable; default: baseline,
-kafka-python, confluent):
+kafka-python, confluent, passthrough):
 
 - `baseline`: bench/baseline.py, the per-event consumer a user would write
   (kafka-python, PyTorch, one forward call and one produce per event);
@@ -13,6 +13,11 @@ kafka-python, confluent):
 - `kafka-python+shadow` / `confluent+shadow`: the same, with `--shadow-model`: a
   second model of the same size (bench/model.py `build_shadow`) stepped beside it,
   its predictions to `<output>.shadow` (the reader reads the served ones);
+- `passthrough`: bench/passthrough.py, librdkafka consuming, producing the same
+  bytes and committing, no decoding and no model: the throughput ceiling of the
+  machine; every subject's throughput is also given as a share of it;
+- `floor`: no server, the reader reads the events themselves (every sweep also
+  runs such a reader beside its subject, see 2.);
 - TREE (optional): run `pipeline` from another source tree (a `git archive`
   of an older commit), to measure a change before and after in one run.
 
@@ -26,14 +31,21 @@ librdkafka (bench/load.py) for every subject alike. Per run and subject:
    throughput, and the server's CPU seconds (utime + stime from
    /proc/PID/stat, all threads) over the same window give CPU per 1,000
    events. Peak RSS is the process's VmHWM.
-2. **Latency sweep**: a fresh topic; the subject is started and waits in
-   its group (and, for `hiddenstate serve`, until /readyz: restored); then a paced load rises through `--sweep` fractions of the
-   subject's median capacity (measured in step 1 of this invocation), each
-   stage `--stage-seconds` long. End-to-end latency is measured **at a
-   reader**: the time a prediction was fetched minus its event's `ts` (the
-   wall clock when the load generator handed the event to its producer):
-   event time -> prediction acknowledged and readable. The first second of
-   each stage is left out.
+2. **Latency sweep (the latency probe)**: a fresh topic; the subject is
+   started and waits in its group (and, for `hiddenstate serve`, until
+   /readyz: restored); then a paced load rises through the fixed `--rates`
+   (100, 200, 1,000, 10,000 events/s, those below 90% of the subject's
+   capacity) and the `--sweep` shares of its median capacity (25/50/75%,
+   measured in step 1 of this invocation), each stage `--stage-seconds` long
+   (longer where needed for `--min-stage-events`). End-to-end latency is
+   measured **at a reader**: the time a prediction was fetched minus its
+   event's `ts` (the wall clock when the load generator handed the event to
+   its producer): event time -> prediction acknowledged and readable. Beside
+   it, during the same sweep, a second reader reads the **input** topic: the
+   floor (what a plain reader of the events sees, the latency no server can
+   beat); each stage reports p50/p99/p99.9 of both and the difference, the
+   latency the subject adds (`print_added_table`, the `-added` plot). The
+   first second of each stage is left out.
 3. **Memory per stream** (`--memory-streams`, per subject kind): a running
    subject gets one event for each of N new streams; (RSS after - RSS
    before) / N. For `hiddenstate serve` also the store's own gauge
@@ -92,6 +104,7 @@ KINDS = (
     "kafka-python+shadow",
     "confluent+shadow",
     "floor",
+    "passthrough",
 )
 
 
@@ -123,6 +136,21 @@ class Subject:
     @property
     def is_floor(self) -> bool:
         return self.kind == "floor"
+
+    @property
+    def is_passthrough(self) -> bool:
+        return self.kind == "passthrough"
+
+    @property
+    def is_server(self) -> bool:
+        """`hiddenstate serve` (with /readyz, /metrics and a changelog)."""
+        return not (self.is_baseline or self.is_floor or self.is_passthrough)
+
+    @property
+    def marker(self) -> bytes:
+        """What the reader finds the event time behind in this subject's output records:
+        the floor reads the events, the passthrough writes them back unchanged."""
+        return b'"ts":' if self.is_floor or self.is_passthrough else b'"event_time_ms":'
 
     @property
     def has_shadow(self) -> bool:
@@ -176,7 +204,15 @@ class Running:
             else []
         )
         self.metrics_port = free_port()
-        if subject.is_baseline:
+        if subject.is_passthrough:
+            command = [
+                sys.executable,
+                str(REPO / "bench" / "passthrough.py"),
+                "--group-id",
+                self.group,
+                *subject.flags,
+            ]
+        elif subject.is_baseline:
             command = [
                 sys.executable,
                 str(REPO / "bench" / "baseline.py"),
@@ -198,7 +234,7 @@ class Running:
                 # installed); older trees without the flag served with kafka-python only.
                 *(
                     []
-                    if subject.kind == "kafka-python" and subject.tree != REPO
+                    if not (subject.tree / "pipeline" / "transport").is_dir()
                     else ["--transport", subject.transport]
                 ),
                 *(
@@ -282,7 +318,7 @@ class Running:
 
     def metric(self, name: str) -> float | None:
         """One unlabelled sample from /metrics (hiddenstate serve only)."""
-        if self.subject.is_baseline:
+        if not self.subject.is_server:
             return None
         url = f"http://127.0.0.1:{self.metrics_port}/metrics"
         with urllib.request.urlopen(url, timeout=5) as response:
@@ -339,7 +375,7 @@ def _capacity_once(subject: Subject, args: argparse.Namespace, backlog: str, log
     bootstrap = args.bootstrap_servers
     output = f"{backlog}.out-{uuid.uuid4().hex[:6]}"
     create_topic(bootstrap, output, PARTITIONS)
-    reader = Reader(bootstrap, output, PARTITIONS).start()
+    reader = Reader(bootstrap, output, PARTITIONS, marker=subject.marker).start()
     log = logs / f"capacity-{output}.log"
     running = Running(subject, args, backlog, output, log)
     try:
@@ -364,7 +400,7 @@ def _capacity_once(subject: Subject, args: argparse.Namespace, backlog: str, log
     finally:
         running.stop()
         reader.stop()
-        used(output, *([] if subject.is_baseline else [running.changelog, *running.shadow_topics]))
+        used(output, *([running.changelog, *running.shadow_topics] if subject.is_server else []))
     events = count1 - count0
     return {
         "events_per_second": events / (t1 - t0),
@@ -378,8 +414,45 @@ def _capacity_once(subject: Subject, args: argparse.Namespace, backlog: str, log
 # --------------------------------------------------------------------------- latency
 
 
+@dataclass(frozen=True)
+class Stage:
+    """One rate of a sweep: a fixed rate, or a share of the subject's capacity."""
+
+    rate: int
+    fraction_of_capacity: float
+    fixed: bool
+
+
+def stages_for(
+    subject: Subject,
+    args: argparse.Namespace,
+    capacity: dict[str, float],
+    subjects: list[Subject],
+) -> list[Stage]:
+    """The rising rates a subject is swept at: the fixed `--rates` below 90% of its
+    capacity and the `--sweep` shares of it. The passthrough gets the fixed rates only
+    (it is the throughput ceiling; its latency shows what one more hop costs), the floor
+    every rate any other subject gets, so that each has the floor beside it."""
+    if subject.is_floor:
+        others = [s for s in subjects if not (s.is_floor or s.is_passthrough)]
+        found = {
+            stage.rate: stage for other in others for stage in stages_for(other, args, capacity, [])
+        }
+        for rate in args.rates:
+            found.setdefault(rate, Stage(rate, float("nan"), True))
+        rates = sorted(found)
+        return [Stage(r, found[r].fraction_of_capacity, found[r].fixed) for r in rates]
+    mine = capacity[subject.label]
+    stages = {r: Stage(r, r / mine, True) for r in args.rates if r < 0.9 * mine}
+    if not subject.is_passthrough:
+        for fraction in args.sweep:
+            rate = round(fraction * mine)
+            stages[rate] = Stage(rate, fraction, False)
+    return [stages[r] for r in sorted(stages)]
+
+
 def latency_sweep(
-    subject: Subject, args: argparse.Namespace, capacity: float, logs: Path
+    subject: Subject, args: argparse.Namespace, plan: list[Stage], logs: Path
 ) -> list[dict]:
     """One rising-rate sweep; per stage the reader's latency percentiles and, for
     `hiddenstate serve`, those of its own end-to-end histogram over the same stage."""
@@ -389,18 +462,23 @@ def latency_sweep(
     create_topic(bootstrap, topic, PARTITIONS)
     if not subject.is_floor:
         create_topic(bootstrap, output, PARTITIONS)
-    marker = b'"ts":' if subject.is_floor else b'"event_time_ms":'
-    reader = Reader(bootstrap, output, PARTITIONS, marker=marker).start()
+    reader = Reader(bootstrap, output, PARTITIONS, marker=subject.marker).start()
+    # The floor side by side: a plain reader of the input topic during the same sweep,
+    # so that each stage's added latency is measured against the same moments of the
+    # shared machine.
+    beside = None if subject.is_floor else Reader(bootstrap, topic, PARTITIONS, b'"ts":').start()
     running = None
     scraper = None
-    rates = [round(fraction * capacity) for fraction in args.sweep]
-    schedule = [[rates[0], 2.0]] + [[rate, args.stage_seconds] for rate in rates]
+    rates = [stage.rate for stage in plan]
+    schedule = [[rates[0], 2.0]] + [
+        [rate, max(args.stage_seconds, 1 + args.min_stage_events / rate)] for rate in rates
+    ]
     sampler = None
     try:
         if not subject.is_floor:
             running = Running(subject, args, topic, output, logs / f"sweep-{topic}.log")
             running.wait_in_group(bootstrap)
-            if not subject.is_baseline:
+            if subject.is_server:
                 # Assigned is not serving yet: the changelog restore runs first.
                 running.wait_ready()
                 scraper = Scraper(running).start()
@@ -425,7 +503,7 @@ def latency_sweep(
         )
         report = json.loads(load.stdout.strip().splitlines()[-1])
         deadline = time.monotonic() + 120
-        while reader.count < report["sent"]:
+        while reader.count < report["sent"] or (beside and beside.count < report["sent"]):
             if running is not None:
                 running.check()
             if time.monotonic() > deadline:
@@ -440,10 +518,15 @@ def latency_sweep(
             running.stop()
             used(
                 output,
-                *([] if subject.is_baseline else [running.changelog, *running.shadow_topics]),
+                *([running.changelog, *running.shadow_topics] if subject.is_server else []),
             )
         reader.stop()
+        if beside is not None:
+            beside.stop()
         used(topic, f"{topic}.dead-letter")
+    if beside is not None:
+        floor_times = np.asarray(beside.event_times, dtype=np.float64)
+        floor_latency = np.asarray(beside.arrivals) - floor_times
     arrivals = np.asarray(reader.arrivals)
     event_times = np.asarray(reader.event_times, dtype=np.float64)
     produced = np.asarray(reader.produced, dtype=np.float64)
@@ -455,16 +538,26 @@ def latency_sweep(
         if i > 0:  # stage 0 is the warm-up
             mask = (event_times >= begin + 1000) & (event_times < end)
             values = latency[mask]
-            q = np.percentile(values, [50, 95, 99]) if len(values) else [np.nan] * 3
+            q = np.percentile(values, [50, 95, 99, 99.9]) if len(values) else [np.nan] * 4
             stage = {
                 "offered_events_per_second": rate,
-                "fraction_of_capacity": args.sweep[i - 1],
+                "fraction_of_capacity": plan[i - 1].fraction_of_capacity,
+                "fixed_rate": plan[i - 1].fixed,
                 "served_events_per_second": len(values) / ((end - begin - 1000) / 1000),
+                "samples": len(values),
                 "p50_ms": float(q[0]),
                 "p95_ms": float(q[1]),
                 "p99_ms": float(q[2]),
+                "p999_ms": float(q[3]),
                 "max_ms": float(values.max()) if len(values) else float("nan"),
             }
+            if beside is not None:
+                floor = floor_latency[(floor_times >= begin + 1000) & (floor_times < end)]
+                if len(floor):
+                    fq = np.percentile(floor, [50, 99, 99.9])
+                    for (_, key), value in zip(QUANTILES, fq, strict=True):
+                        stage["floor_" + key] = float(value)
+                        stage["added_" + key] = stage[key] - float(value)
             if len(values):
                 # The prediction's own timestamp is when the server handed it to its
                 # producer: the latency before that, and from there to the reader.
@@ -605,7 +698,7 @@ def memory_run(subject: Subject, args: argparse.Namespace, streams: int, logs: P
     )
     try:
         running.wait_in_group(bootstrap)
-        if not subject.is_baseline:
+        if subject.is_server:
             running.wait_ready()
         fill(bootstrap, topic, 100, 1000, first_stream=10_000_000)  # warm every code path
         wait_for(reader, 1000, running, timeout=60)
@@ -691,12 +784,14 @@ def summarise(results: dict[str, Any], subjects: list[Subject]) -> dict[str, Any
         row["events_per_second_runs"] = [round(r["events_per_second"]) for r in runs]
         sweeps = results["latency"].get(subject.label, [])
         stages: list[dict[str, Any]] = []
-        for i, fraction in enumerate(results["sweep_fractions"]):
-            at = [sweep[i] for sweep in sweeps if i < len(sweep)]
+        rates = sorted({s["offered_events_per_second"] for sweep in sweeps for s in sweep})
+        for rate in rates:
+            at = [s for sweep in sweeps for s in sweep if s["offered_events_per_second"] == rate]
             if at:
                 stages.append(
                     {
-                        "fraction_of_capacity": fraction,
+                        "fraction_of_capacity": at[0]["fraction_of_capacity"],
+                        "fixed_rate": at[0].get("fixed_rate", False),
                         **{
                             key: median([s.get(key, float("nan")) for s in at])
                             for key in (
@@ -705,6 +800,14 @@ def summarise(results: dict[str, Any], subjects: list[Subject]) -> dict[str, Any
                                 "p50_ms",
                                 "p95_ms",
                                 "p99_ms",
+                                "p999_ms",
+                                "samples",
+                                "floor_p50_ms",
+                                "floor_p99_ms",
+                                "floor_p999_ms",
+                                "added_p50_ms",
+                                "added_p99_ms",
+                                "added_p999_ms",
                                 "server_p50_ms",
                                 "server_p95_ms",
                                 "server_p99_ms",
@@ -722,6 +825,14 @@ def summarise(results: dict[str, Any], subjects: list[Subject]) -> dict[str, Any
         if memory:
             row["memory"] = memory
         summary[subject.label] = row
+    added_to_floor(summary, subjects)
+    ceiling = next((s for s in subjects if s.is_passthrough), None)
+    if ceiling is not None:
+        top = summary[ceiling.label]["events_per_second"]
+        for subject in subjects:
+            if not subject.is_floor:
+                row = summary[subject.label]
+                row["share_of_passthrough"] = row["events_per_second"] / top
     base = next((s for s in subjects if s.is_baseline), None)
     if base is not None:
         base_row = summary[base.label]
@@ -735,6 +846,31 @@ def summarise(results: dict[str, Any], subjects: list[Subject]) -> dict[str, Any
             if half and mine:
                 row["p99_at_half_capacity_vs_baseline"] = mine["p99_ms"] / half["p99_ms"]
     return summary
+
+
+QUANTILES = (("p50", "p50_ms"), ("p99", "p99_ms"), ("p99.9", "p999_ms"))
+
+
+def added_to_floor(summary: dict[str, Any], subjects: list[Subject]) -> None:
+    """Stages without a floor reader beside them (older results) get the `floor`
+    subject's at the same offered rate: `added_p50_ms`, `added_p99_ms`, `added_p999_ms`
+    and the floor's own. The sweep's own side-by-side floor is preferred: it saw the
+    same moments of the shared machine (the added latency is then the median of each
+    run's difference)."""
+    floor = next((s for s in subjects if s.is_floor), None)
+    if floor is None:
+        return
+    at_rate = {s["offered_events_per_second"]: s for s in summary[floor.label]["latency"]}
+    for subject in subjects:
+        if subject.is_floor:
+            continue
+        for stage in summary[subject.label]["latency"]:
+            base = at_rate.get(stage["offered_events_per_second"])
+            if base is None or "added_p50_ms" in stage:
+                continue
+            for _, key in QUANTILES:
+                stage["floor_" + key] = base[key]
+                stage["added_" + key] = stage[key] - base[key]
 
 
 def _at_fraction(stages: list[dict[str, Any]], fraction: float) -> dict[str, Any] | None:
@@ -762,6 +898,15 @@ def plot(summary: dict[str, Any], results: dict[str, Any], path: Path) -> None:
         )
         if not floor:
             ax.axvline(row["events_per_second"], color=color, linestyle=":", alpha=0.7)
+        if any("floor_p99_ms" in s for s in stages):
+            ax.plot(
+                x,
+                [s.get("floor_p99_ms", float("nan")) for s in stages],
+                "x:",
+                color=color,
+                alpha=0.5,
+                label=f"{label}: floor p99 beside it",
+            )
     ax.axhline(20, color="black", linewidth=0.6)
     ax.text(0.01, 21, "20 ms", transform=ax.get_yaxis_transform(), fontsize=8)
     ax.set_xscale("log")
@@ -771,12 +916,7 @@ def plot(summary: dict[str, Any], results: dict[str, Any], path: Path) -> None:
         "floor: no server, the reader reads the events"
     )
     ax.set_ylabel("end-to-end latency at a reader (ms)")
-    env = results["environment"]
-    ax.set_title(
-        f"GRU 64x1, 8 features, JSON, at-least-once, {results['streams']:,} streams\n"
-        f"{env['machine']}, broker on the same cores; medians of {results['runs']} runs",
-        fontsize=9,
-    )
+    _title(ax, results)
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -784,16 +924,100 @@ def plot(summary: dict[str, Any], results: dict[str, Any], path: Path) -> None:
     fig.savefig(path)
 
 
-def print_table(summary: dict[str, Any]) -> None:
+def _title(ax: Any, results: dict[str, Any]) -> None:
+    env = results["environment"]
+    ax.set_title(
+        f"GRU 64x1, 8 features, JSON, at-least-once, {results['streams']:,} streams\n"
+        f"{env['machine']}, broker on the same cores; medians of {results['runs']} runs",
+        fontsize=9,
+    )
+
+
+def plot_added(summary: dict[str, Any], results: dict[str, Any], path: Path) -> None:
+    """The latency each subject adds over the floor (no server), p50 and p99, against
+    the offered load: the issue's 'close to Kafka's own' in one picture."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(9, 5.5), dpi=120)
+    colors = iter(plt.rcParams["axes.prop_cycle"].by_key()["color"])
+    for label, row in summary.items():
+        stages = [s for s in row["latency"] if "added_p99_ms" in s]
+        if not stages:
+            continue
+        color = next(colors)
+        x = [s["offered_events_per_second"] for s in stages]
+        ax.plot(x, [s["added_p99_ms"] for s in stages], "o-", color=color, label=f"{label} p99")
+        ax.plot(
+            x,
+            [s["added_p50_ms"] for s in stages],
+            "s--",
+            color=color,
+            alpha=0.6,
+            label=f"{label} p50",
+        )
+    ax.axhline(0, color="black", linewidth=0.6)
+    ax.set_xscale("log")
+    ax.set_yscale("symlog", linthresh=1)
+    lowest = min(
+        (
+            s[k]
+            for row in summary.values()
+            for s in row["latency"]
+            for k in ("added_p50_ms",)
+            if k in s
+        ),
+        default=0.0,
+    )
+    ax.set_ylim(bottom=min(-1.0, lowest * 1.5))
+    ax.set_xlabel("offered load (events/s): fixed rates and 25/50/75% of each one's capacity")
+    ax.set_ylabel("latency added over the floor (ms): subject - plain reader of the input")
+    _title(ax, results)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+
+
+def print_added_table(summary: dict[str, Any]) -> None:
+    """Per subject and offered rate: p50/p99/p99.9 at the reader, the floor's, the difference."""
     print(
-        f"\n{'subject':<16}{'events/s':>10}{'x base':>8}{'CPU s/1k':>10}{'RSS MiB':>9}"
-        f"{'p50@.5':>9}{'p95@.5':>9}{'p99@.5':>9}"
+        f"\n{'added latency':<16}{'offered/s':>10}{'share':>7}"
+        + "".join(f"{q:>8}" for q, _ in QUANTILES)
+        + "".join(f"{'floor ' + q:>12}" for q, _ in QUANTILES)
+        + "".join(f"{'+' + q:>9}" for q, _ in QUANTILES)
+        + "   (ms)"
     )
     for label, row in summary.items():
+        for s in row["latency"]:
+            if "added_p50_ms" not in s:
+                continue
+            share = s["fraction_of_capacity"]
+            print(
+                f"{label:<16}{s['offered_events_per_second']:>10,}"
+                f"{'' if share != share else f'{share:.2f}':>7}"
+                + "".join(f"{s[key]:>8.1f}" for _, key in QUANTILES)
+                + "".join(f"{s['floor_' + key]:>12.1f}" for _, key in QUANTILES)
+                + "".join(f"{s['added_' + key]:>+9.1f}" for _, key in QUANTILES)
+            )
+
+
+def print_table(summary: dict[str, Any]) -> None:
+    print(
+        f"\n{'subject':<16}{'events/s':>10}{'x base':>8}{'of pass':>8}{'CPU s/1k':>10}"
+        f"{'RSS MiB':>9}{'p50@.5':>9}{'p95@.5':>9}{'p99@.5':>9}"
+    )
+    for label, row in summary.items():
+        if "events_per_second" not in row or row["events_per_second"] != row["events_per_second"]:
+            continue  # the floor: no throughput of its own
         half = _at_fraction(row["latency"], 0.5) or {}
         print(
             f"{label:<16}{row['events_per_second']:>10,.0f}"
             f"{row.get('throughput_vs_baseline', float('nan')):>8.1f}"
+            f"{row.get('share_of_passthrough', float('nan')):>8.0%}"
             f"{row['cpu_seconds_per_1000_events']:>10.3f}{row['peak_rss_mib']:>9.0f}"
             f"{half.get('p50_ms', float('nan')):>9.1f}{half.get('p95_ms', float('nan')):>9.1f}"
             f"{half.get('p99_ms', float('nan')):>9.1f}"
@@ -818,9 +1042,21 @@ def main() -> int:
     parser.add_argument("--warmup", type=float, default=3.0)
     parser.add_argument("--capacity-seconds", type=float, default=12.0)
     parser.add_argument(
-        "--sweep", default="0.1,0.25,0.5,0.75,0.9", help="fractions of capacity, rising"
+        "--sweep", default="0.25,0.5,0.75", help="fractions of each subject's capacity, rising"
+    )
+    parser.add_argument(
+        "--rates",
+        default="100,200,1000,10000",
+        help="fixed rates (events/s) every subject is swept at too, below 90%% of its capacity "
+        "('' for none)",
     )
     parser.add_argument("--stage-seconds", type=float, default=8.0)
+    parser.add_argument(
+        "--min-stage-events",
+        type=int,
+        default=2000,
+        help="a slow stage lasts long enough for this many events (p99.9 needs them)",
+    )
     parser.add_argument("--no-sweep", action="store_true", help="capacity only")
     parser.add_argument(
         "--capacity",
@@ -834,22 +1070,38 @@ def main() -> int:
         help="KIND=N streams for the memory run ('' to skip)",
     )
     parser.add_argument("--max-streams", type=int, default=100_000)
-    parser.add_argument("--quick", action="store_true", help="short stages, small backlog")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="a short run of a few minutes: one run, short stages, a smaller backlog, no memory "
+        "run (the latency probe and the throughput table, less precise)",
+    )
     parser.add_argument("--model-dir", type=Path, default=REPO / "artifacts/bench/model")
     parser.add_argument("--out", type=Path, default=REPO / "artifacts/bench/bench.json")
     parser.add_argument("--plot", type=Path, default=REPO / "artifacts/bench/latency.png")
     parser.add_argument(
+        "--added-plot",
+        type=Path,
+        default=None,
+        help="the added latency over the floor against load (default: beside --plot, "
+        "NAME-added.png)",
+    )
+    parser.add_argument(
         "--serve-args", default="", help="extra `hiddenstate serve` flags, one string"
     )
     args = parser.parse_args()
-    args.sweep = [float(f) for f in args.sweep.split(",")]
+    args.sweep = [float(f) for f in args.sweep.split(",") if f]
+    args.rates = [int(float(r)) for r in args.rates.split(",") if r]
     args.serve_args = args.serve_args.split()
+    if args.added_plot is None:
+        args.added_plot = args.plot.with_name(args.plot.stem + "-added" + args.plot.suffix)
     if args.quick:
-        args.backlog, args.capacity_seconds, args.stage_seconds = 1_200_000, 6.0, 4.0
+        args.backlog, args.warmup, args.capacity_seconds = 2_000_000, 2.0, 5.0
+        args.stage_seconds, args.min_stage_events, args.runs = 5.0, 500, 1
         args.memory_streams = ""
     subjects = [
         Subject.parse(s)
-        for s in args.subjects or ["baseline", "kafka-python", "confluent", "floor"]
+        for s in args.subjects or ["baseline", "kafka-python", "confluent", "passthrough"]
     ]
     memory_streams = dict(
         (kind, int(n))
@@ -873,6 +1125,7 @@ def main() -> int:
         "backlog": args.backlog,
         "capacity_seconds": args.capacity_seconds,
         "sweep_fractions": args.sweep,
+        "fixed_rates": args.rates,
         "stage_seconds": args.stage_seconds,
         "latency_measured_at": "a reader: fetch time - event ts (event time -> prediction readable)",
         "subjects": {
@@ -891,8 +1144,10 @@ def main() -> int:
     args.out.write_text(json.dumps(results, indent=2) + "\n")
     if not args.no_sweep:
         plot(results["summary"], results, args.plot)
+        plot_added(results["summary"], results, args.added_plot)
     print_table(results["summary"])
-    print(f"\n-> {args.out}" + ("" if args.no_sweep else f", {args.plot}"))
+    print_added_table(results["summary"])
+    print(f"\n-> {args.out}" + ("" if args.no_sweep else f", {args.plot}, {args.added_plot}"))
     return 0
 
 
@@ -934,15 +1189,12 @@ def run_all(
         results["capacity"][label] = [
             {"events_per_second": float(events_per_second), "given": True}
         ]
-    # The floor (no server) is swept at the rates of the fastest subject.
-    fastest = max(capacity.values(), default=float("nan"))
-    for subject in subjects:
-        if subject.is_floor:
-            capacity[subject.label] = fastest
+    # The floor (no server) is swept at every rate any other subject is (`stages_for`).
     if not args.no_sweep:
+        plans = {s.label: stages_for(s, args, capacity, subjects) for s in subjects}
         for run in range(args.runs):
             for subject in subjects:
-                stages = latency_sweep(subject, args, capacity[subject.label], logs)
+                stages = latency_sweep(subject, args, plans[subject.label], logs)
                 results["latency"][subject.label].append(stages)
                 print(
                     f"run {run + 1} latency {subject.label}: "

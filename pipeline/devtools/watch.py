@@ -4,6 +4,18 @@ A reader's view of what `serve` publishes: one line per prediction with the
 stream, its step, the prediction in words (the class or token with its
 probability, or the forecast) and the latencies the server recorded. With
 `--model`, class and token labels come from the model's metadata.
+
+`--summarize N` keeps reading until N predictions arrived (printing `--count`
+of them) and ends with the percentiles of two latencies (`latency_summary`):
+
+- **added by the server**: the prediction's own `latency.queued_seconds` +
+  `latency.inference_seconds`, plus the produce: from the prediction record's
+  timestamp (when the server handed it to its producer) to when this reader
+  fetched it. Neither the producer of the events (its pacing, its linger) nor
+  a backlog waiting before the server's poll counts;
+- **event time to prediction**: when this reader fetched it minus the
+  prediction's `event_time_ms` (the event's `ts`, stamped by its producer):
+  what a user of the predictions sees, the producer's own delay included.
 """
 
 from __future__ import annotations
@@ -13,8 +25,11 @@ import json
 import os
 import sys
 import time
+from collections.abc import Iterable
+from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 from kafka import KafkaConsumer
 
 from pipeline.errors import ConfigError
@@ -40,6 +55,76 @@ def describe(outputs: dict[str, Any], specs: dict[str, OutputSpec]) -> str:
         else:
             parts.append(f"{name}: {json.dumps(value)[:60]}")
     return "; ".join(parts)
+
+
+@dataclass(frozen=True)
+class Timing:
+    """One prediction's times, as a reader sees them (milliseconds and seconds as named)."""
+
+    event_time_ms: float  # the prediction's event_time_ms: the event's ts
+    queued_s: float  # latency.queued_seconds
+    inference_s: float  # latency.inference_seconds
+    produced_ms: float  # the prediction record's timestamp: handed to the server's producer
+    read_ms: float  # when the reader fetched the prediction
+
+    @property
+    def added_ms(self) -> float:
+        """What the server added: queue + inference + produce (record to reader)."""
+        produce_ms = max(0.0, self.read_ms - self.produced_ms)
+        return (self.queued_s + self.inference_s) * 1000 + produce_ms
+
+    @property
+    def end_to_end_ms(self) -> float:
+        """Event time to prediction fetched by the reader."""
+        return self.read_ms - self.event_time_ms
+
+
+@dataclass(frozen=True)
+class LatencySummary:
+    """p50 and p99 (ms) of what the server added and of event time to prediction."""
+
+    predictions: int
+    added_p50_ms: float
+    added_p99_ms: float
+    end_to_end_p50_ms: float
+    end_to_end_p99_ms: float
+
+    def lines(self) -> list[str]:
+        return [
+            f"predictions read        {self.predictions:>10}",
+            f"added by the server     p50 {self.added_p50_ms:>7.1f} ms   "
+            f"p99 {self.added_p99_ms:>7.1f} ms   (queue + inference + produce)",
+            f"event time->prediction  p50 {self.end_to_end_p50_ms:>7.1f} ms   "
+            f"p99 {self.end_to_end_p99_ms:>7.1f} ms   (the events' producer included)",
+        ]
+
+
+def latency_summary(timings: Iterable[Timing]) -> LatencySummary:
+    """The percentiles of `timings` (linear interpolation between ranks, numpy's default)."""
+    rows = list(timings)
+    if not rows:
+        nan = float("nan")
+        return LatencySummary(0, nan, nan, nan, nan)
+    added = np.percentile([t.added_ms for t in rows], [50, 99])
+    end_to_end = np.percentile([t.end_to_end_ms for t in rows], [50, 99])
+    return LatencySummary(
+        len(rows), float(added[0]), float(added[1]), float(end_to_end[0]), float(end_to_end[1])
+    )
+
+
+def timing(value: dict[str, Any], produced_ms: float, read_ms: float) -> Timing | None:
+    """A prediction's `Timing`, or None for a record that is not a prediction."""
+    latency = value.get("latency")
+    event_time = value.get("event_time_ms")
+    if not isinstance(latency, dict) or not isinstance(event_time, int | float):
+        return None
+    return Timing(
+        float(event_time),
+        float(latency.get("queued_seconds", 0.0)),
+        float(latency.get("inference_seconds", 0.0)),
+        float(produced_ms),
+        read_ms,
+    )
 
 
 def wait_for_topic(bootstrap_servers: str, topic: str, timeout: float) -> bool:
@@ -91,6 +176,14 @@ def main(argv: list[str]) -> int:
     parser.add_argument(
         "--from-beginning", action="store_true", help="start at the oldest prediction"
     )
+    parser.add_argument(
+        "--summarize",
+        type=int,
+        default=0,
+        metavar="N",
+        help="read on until N predictions arrived, then print p50 and p99 of the latency the "
+        "server added and of event time to prediction (default 0: no summary)",
+    )
     args = parser.parse_args(argv)
 
     specs = _output_specs(args.model)
@@ -108,17 +201,28 @@ def main(argv: list[str]) -> int:
         raise ConfigError("--count and --sample must be >= 1")
     seen = 0
     arrived = 0
+    timings: list[Timing] = []
     last_record = time.monotonic()
     print(f"{'stream':<18} {'step':>5}  {'prediction':<44} {'queued':>9} {'inference':>9}")
     try:
-        while seen < args.count and time.monotonic() - last_record < args.timeout:
+        while (seen < args.count or arrived < args.summarize) and (
+            time.monotonic() - last_record < args.timeout
+        ):
             for records in consumer.poll(timeout_ms=500).values():
+                read_ms = time.time() * 1000
                 for record in records:
                     arrived += 1
                     last_record = time.monotonic()
-                    if seen >= args.count or arrived % args.sample:
+                    summarized = args.summarize and arrived <= args.summarize
+                    if not summarized and (seen >= args.count or arrived % args.sample):
                         continue
                     value = json.loads(record.value)
+                    if summarized:
+                        row = timing(value, record.timestamp, read_ms)
+                        if row is not None:
+                            timings.append(row)
+                    if seen >= args.count or arrived % args.sample:
+                        continue
                     latency = value.get("latency", {})
                     print(
                         f"{(record.key or b'').decode(errors='replace'):<18} "
@@ -130,6 +234,12 @@ def main(argv: list[str]) -> int:
                     seen += 1
     finally:
         consumer.close()
+    if args.summarize:
+        print()
+        print("\n".join(latency_summary(timings).lines()))
+        if arrived < args.summarize:
+            print(f"only {arrived} of {args.summarize} predictions arrived", file=sys.stderr)
+            return 1
     if seen < args.count:
         print(f"only {seen} predictions within {args.timeout:.0f} s of quiet", file=sys.stderr)
         return 1
