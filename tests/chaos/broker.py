@@ -16,9 +16,21 @@ from tests.chaos.proxy import Proxy
 
 
 def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+    return free_ports(1)[0]
+
+
+def free_ports(count: int) -> list[int]:
+    """`count` distinct free ports: each socket is held until all are chosen, since the
+    kernel may hand a port just released to the next bind (two listeners of one broker
+    on one port was seen here)."""
+    sockets = [socket.socket() for _ in range(count)]
+    try:
+        for sock in sockets:
+            sock.bind(("127.0.0.1", 0))
+        return [int(sock.getsockname()[1]) for sock in sockets]
+    finally:
+        for sock in sockets:
+            sock.close()
 
 
 @dataclass
@@ -38,11 +50,11 @@ class Broker:
     (`bootstrap`), the servers through the proxy (`proxied_bootstrap`)."""
 
     def __init__(self, home: Path) -> None:
-        proxy_port, behind = free_port(), free_port()
+        proxy_port, behind, port, controller_port = free_ports(4)
         self.kafka = local_kafka.LocalKafka(
             home=home,
-            port=free_port(),
-            controller_port=free_port(),
+            port=port,
+            controller_port=controller_port,
             proxied=(behind, proxy_port),
         )
         self.proxy = Proxy(proxy_port, behind).start()

@@ -241,9 +241,20 @@ def kafka(kafka_bootstrap: str) -> Iterator[KafkaKit]:
 
 def free_port() -> int:
     """A TCP port nobody listens on right now (for a server's metrics endpoint)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+    return free_ports(1)[0]
+
+
+def free_ports(count: int) -> list[int]:
+    """`count` distinct free ports: each socket is held until all are chosen, since the
+    kernel may hand a port just released to the next bind."""
+    sockets = [socket.socket() for _ in range(count)]
+    try:
+        for sock in sockets:
+            sock.bind(("127.0.0.1", 0))
+        return [int(sock.getsockname()[1]) for sock in sockets]
+    finally:
+        for sock in sockets:
+            sock.close()
 
 
 class Served:

@@ -20,7 +20,7 @@ from kafka import KafkaConsumer, TopicPartition
 from pipeline.devtools import local_kafka
 from pipeline.errors import LocalKafkaError
 from pipeline.testing import random_weights, write_onnx_step
-from tests.integration.conftest import KafkaKit, free_port
+from tests.integration.conftest import KafkaKit, free_ports
 from tests.integration.streams import reference, round_robin_events
 
 STREAMS = 40
@@ -292,9 +292,8 @@ def test_a_snapshot_of_another_model_is_discarded_counted_and_the_stream_starts_
 @pytest.fixture
 def private_broker(tmp_path):
     """A broker of this test's own, which it may stop and start (the session's stays up)."""
-    kafka = local_kafka.LocalKafka(
-        home=tmp_path / "kafka", port=free_port(), controller_port=free_port()
-    )
+    ports = free_ports(2)
+    kafka = local_kafka.LocalKafka(home=tmp_path / "kafka", port=ports[0], controller_port=ports[1])
     try:
         local_kafka.start(kafka)
     except LocalKafkaError as error:
