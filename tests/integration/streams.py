@@ -27,8 +27,10 @@ def round_robin_events(streams: int, steps: int, seed: int = 0) -> Sent:
     ]
 
 
-def reference(weights: StepWeights, sent: Sent) -> dict[bytes, list[list[float]]]:
-    """Stream -> the output `y` of each of its events, stepping the stream alone."""
+def reference(
+    weights: StepWeights, sent: Sent, output: str = "y"
+) -> dict[bytes, list[list[float]]]:
+    """Stream -> the `output` of each of its events, stepping the stream alone from zeros."""
     model = NumpyStepModel(weights)
     states: dict[bytes, list[np.ndarray]] = {}
     outputs: dict[bytes, list[list[float]]] = defaultdict(list)
@@ -38,5 +40,5 @@ def reference(weights: StepWeights, sent: Sent) -> dict[bytes, list[list[float]]
             np.zeros((1, *s.shape), np.float32) for s in weights.spec.states
         ]
         y, states[key] = model.step(x, state)
-        outputs[key].append(y["y"][0].tolist())
+        outputs[key].append(y[output][0].tolist())
     return outputs

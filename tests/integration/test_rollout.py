@@ -14,7 +14,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline.testing import NumpyStepModel, StepWeights, random_weights, write_onnx_step
+from pipeline.testing import StepWeights, random_weights, write_onnx_step
+from tests.integration.streams import reference as stream_reference
+from tests.integration.streams import round_robin_events
 from tests.integration.test_durability import read_all
 
 STREAMS = 40
@@ -40,27 +42,12 @@ def files(v1: StepWeights, v2: StepWeights, tmp_path_factory: pytest.TempPathFac
 
 def events(count: int, seed: int) -> Sent:
     """`count` events of each of STREAMS streams, interleaved."""
-    x = np.random.default_rng(seed).normal(size=(STREAMS, count, 3)).round(4)
-    return [
-        (f"s{i}".encode(), json.dumps({"x": x[i, k].tolist()}).encode())
-        for k in range(count)
-        for i in range(STREAMS)
-    ]
+    return round_robin_events(STREAMS, count, seed)
 
 
 def reference(weights: StepWeights, sent: Sent) -> dict[bytes, list[list[float]]]:
     """Stream -> the class probabilities of each of its events, stepped alone from zeros."""
-    model = NumpyStepModel(weights)
-    states: dict[bytes, list[np.ndarray]] = {}
-    outputs: dict[bytes, list[list[float]]] = defaultdict(list)
-    for key, value in sent:
-        x = np.asarray([json.loads(value)["x"]], dtype=np.float32)
-        state = states.get(key) or [
-            np.zeros((1, *s.shape), np.float32) for s in weights.spec.states
-        ]
-        y, states[key] = model.step(x, state)
-        outputs[key].append(y["probs"][0].tolist())
-    return outputs
+    return stream_reference(weights, sent, output="probs")
 
 
 def newest(records, since: dict[int, int] | None = None) -> dict[bytes, list[dict]]:
