@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import socket
 import time
 import uuid
 from dataclasses import dataclass
@@ -13,24 +12,7 @@ from confluent_kafka.admin import AdminClient, NewTopic
 
 from pipeline.devtools import local_kafka
 from tests.chaos.proxy import Proxy
-
-
-def free_port() -> int:
-    return free_ports(1)[0]
-
-
-def free_ports(count: int) -> list[int]:
-    """`count` distinct free ports: each socket is held until all are chosen, since the
-    kernel may hand a port just released to the next bind (two listeners of one broker
-    on one port was seen here)."""
-    sockets = [socket.socket() for _ in range(count)]
-    try:
-        for sock in sockets:
-            sock.bind(("127.0.0.1", 0))
-        return [int(sock.getsockname()[1]) for sock in sockets]
-    finally:
-        for sock in sockets:
-            sock.close()
+from tests.ports import free_ports
 
 
 @dataclass

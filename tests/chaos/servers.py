@@ -21,7 +21,7 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tests.chaos.broker import free_port
+from tests.ports import free_port
 
 REPO = Path(__file__).resolve().parents[2]
 GRACE_S = 150.0  # the server's own stop bound is 90 s (pipeline/watchdog.py)

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -38,6 +37,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from pipeline.devtools import local_kafka, local_registry
 from pipeline.errors import LocalKafkaError
 from pipeline.testing import StepWeights, random_weights, write_onnx_step
+from tests.ports import free_port
 
 
 def _docker_answers() -> bool:
@@ -237,24 +237,6 @@ def kafka(kafka_bootstrap: str) -> Iterator[KafkaKit]:
     kit = KafkaKit(kafka_bootstrap)
     yield kit
     kit.close()
-
-
-def free_port() -> int:
-    """A TCP port nobody listens on right now (for a server's metrics endpoint)."""
-    return free_ports(1)[0]
-
-
-def free_ports(count: int) -> list[int]:
-    """`count` distinct free ports: each socket is held until all are chosen, since the
-    kernel may hand a port just released to the next bind."""
-    sockets = [socket.socket() for _ in range(count)]
-    try:
-        for sock in sockets:
-            sock.bind(("127.0.0.1", 0))
-        return [int(sock.getsockname()[1]) for sock in sockets]
-    finally:
-        for sock in sockets:
-            sock.close()
 
 
 class Served:

@@ -20,8 +20,9 @@ from kafka import KafkaConsumer, TopicPartition
 from pipeline.devtools import local_kafka
 from pipeline.errors import LocalKafkaError
 from pipeline.testing import random_weights, write_onnx_step
-from tests.integration.conftest import KafkaKit, free_ports
+from tests.integration.conftest import KafkaKit
 from tests.integration.streams import reference, round_robin_events
+from tests.ports import free_ports
 
 STREAMS = 40
 

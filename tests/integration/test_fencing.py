@@ -11,9 +11,9 @@ from __future__ import annotations
 import signal
 import time
 
-from tests.integration.conftest import free_port
 from tests.integration.streams import round_robin_events
 from tests.integration.test_durability import read_all
+from tests.ports import free_port
 
 
 def committed_count(kafka, topic: str) -> int:

@@ -27,8 +27,8 @@ from export.data import SequenceSet, load_dataset
 from export.evaluate import predict
 from export.models import NetConfig, RecurrentNet
 from export.train import LABELS_FILE, TrainConfig, train
-from tests.integration.conftest import free_port
 from tests.integration.streams import round_robin_events
+from tests.ports import free_port
 
 PARTITIONS = 4
 HORIZON = 64  # the default --label-horizon-steps

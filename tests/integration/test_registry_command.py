@@ -11,7 +11,7 @@ import urllib.request
 from pathlib import Path
 
 from pipeline.devtools import local_registry
-from tests.integration.conftest import free_port
+from tests.ports import free_port
 
 _REPO_ROOT = Path(__file__).resolve().parents[2]
 
