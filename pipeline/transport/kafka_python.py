@@ -1,9 +1,9 @@
 """The kafka-python transport (`--transport kafka-python`; `auto` without confluent-kafka).
 
 Pure Python: every fetched record is parsed, and every produced one built,
-by the interpreter that also serves the model (FIELD-NOTES: about 3 us to
-parse and 11 us to build a record). `pipeline.transport.base` has the contract;
-docs/benchmarks.md what it costs next to the `confluent` transport.
+by the interpreter that also serves the model: most of the CPU per event that
+docs/benchmarks.md measures for it next to the `confluent` transport (`bench/run.py`).
+`pipeline.transport.base` has the contract.
 """
 
 from __future__ import annotations

@@ -91,6 +91,15 @@ def poll_until(harness: Any, condition: Any, *members: Member, attempts: int = 8
     raise AssertionError("the condition did not hold after all polls")
 
 
+def until_both_assigned(harness: Any, evicted: Member, other: Member) -> None:
+    """Poll until the two members hold both partitions, the one to evict some of them: the
+    first to join may hold both for a while, and a member holding nothing has nothing to
+    lose."""
+    poll_until(
+        harness, lambda: evicted.held and len(evicted.held) + len(other.held) == 2, evicted, other
+    )
+
+
 def group() -> str:
     return f"contract-{uuid.uuid4().hex[:8]}"
 
@@ -151,11 +160,7 @@ def test_an_evicted_member_learns_it_as_lost_not_revoked(harness):
     name = group()
     transport = harness.transport(name)
     evicted, other = Member(transport, topic), Member(transport, topic)
-    # Both assigned, the one to evict holding some: the first to join may hold both for a
-    # while, and a member holding nothing has nothing to lose.
-    poll_until(
-        harness, lambda: evicted.held and len(evicted.held) + len(other.held) == 2, evicted, other
-    )
+    until_both_assigned(harness, evicted, other)
     held = sorted(evicted.held)
     harness.evict(name, evicted.source)
     poll_until(harness, lambda: "lost" in evicted.kinds(), evicted)
@@ -435,11 +440,7 @@ def test_an_evicted_member_cannot_commit_with_what_its_client_knows_later(harnes
     name = group()
     transport = harness.transport(name)
     evicted, other = Member(transport, source_topic), Member(transport, source_topic)
-    # Both assigned, the one to evict holding some: the first to join may hold both for a
-    # while, and a member holding nothing has nothing to lose.
-    poll_until(
-        harness, lambda: evicted.held and len(evicted.held) + len(other.held) == 2, evicted, other
-    )
+    until_both_assigned(harness, evicted, other)
     partition = min(evicted.held)
     harness.evict(name, evicted.source)
     harness.wait(4.0)  # past a heartbeat interval, without a poll
