@@ -181,27 +181,47 @@ class Transport(Protocol):
 
 class StallWatch:
     """For a changelog reader: `RestoreStalledError` when no partition's position moved
-    for `timeout_s` while some are still to read."""
+    for `timeout_s` while some are still to read. Halfway there, `probe` is asked once
+    what holds the positions (`hanging.resolve_quietly`: a hanging transaction, which it
+    aborts); what it says goes into the error, and an abort starts the wait afresh."""
 
-    def __init__(self, topic: str, timeout_s: float) -> None:
+    def __init__(
+        self,
+        topic: str,
+        timeout_s: float,
+        probe: Callable[[str, Mapping[int, int]], tuple[str, bool]] | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self._topic = topic
         self._timeout_s = timeout_s
+        self._probe = probe
+        self._clock = clock
         self._positions: dict[int, int] = {}
-        self._since = time.monotonic()
+        self._since = clock()
+        self._probed = False
+        self._found = ""
 
     def check(self, positions: Mapping[int, int], ends: Mapping[int, int]) -> None:
         """`positions` and `ends` of the partitions still to read (empty: done)."""
-        now = time.monotonic()
+        now = self._clock()
         if not positions or any(self._positions.get(p, -1) < o for p, o in positions.items()):
             self._positions = dict(positions)
             self._since = now
+            self._probed = False
             return
+        if self._probe is not None and not self._probed and now - self._since > self._timeout_s / 2:
+            self._probed = True
+            self._found, aborted = self._probe(self._topic, positions)
+            if aborted:
+                self._since = self._clock()
+                return
         if now - self._since > self._timeout_s:
             where = ", ".join(f"[{p}] at {positions[p]} of {ends[p]}" for p in sorted(positions))
+            found = f"; {self._found}" if self._found else ""
             raise RestoreStalledError(
                 f"restoring from {self._topic}: no progress for {self._timeout_s:.0f} s "
                 f"({where}); the broker is away, or a transaction left open there outlives "
-                "the transaction timeout"
+                f"the transaction timeout{found}"
             )
 
 

@@ -73,6 +73,7 @@ from pipeline.transport.base import (
     not_a_member,
     unauthorized,
 )
+from pipeline.transport.hanging import HangingTransactions, probe
 
 log = logging.getLogger(__name__)
 
@@ -133,7 +134,11 @@ class ConfluentTransport:
         )
 
     def changelog_reader(self, stall_timeout_s: float) -> ConfluentChangelogReader:
-        return ConfluentChangelogReader(self._kafka.librdkafka_config(), stall_timeout_s)
+        return ConfluentChangelogReader(
+            self._kafka.librdkafka_config(),
+            stall_timeout_s,
+            HangingTransactions(self._kafka.client_kwargs()),
+        )
 
 
 class _ErrorLog:
@@ -531,9 +536,15 @@ def _by_key(partition: int | None) -> int:
 class ConfluentChangelogReader:
     """`ChangelogReader` over a confluent-kafka consumer that joins no group."""
 
-    def __init__(self, config: dict[str, Any], stall_timeout_s: float) -> None:
+    def __init__(
+        self,
+        config: dict[str, Any],
+        stall_timeout_s: float,
+        hanging: HangingTransactions | None = None,
+    ) -> None:
         self._config = config
         self._stall_timeout_s = stall_timeout_s
+        self._hanging = hanging
 
     def read_latest(
         self, topic: str, partitions: list[int], remaining: Callable[[int], None]
@@ -568,7 +579,7 @@ class ConfluentChangelogReader:
             left = {p for p in partitions if ends[p] > 0}
             latest: Latest = {}
             read = 0
-            stall = StallWatch(topic, self._stall_timeout_s)
+            stall = StallWatch(topic, self._stall_timeout_s, probe(self._hanging))
             while left:
                 messages = _take(consumer, 10_000, 0.5)
                 errors = list(map(Message.error, messages))

@@ -56,6 +56,7 @@ from pipeline.transport.base import (
     unauthorized,
     unreachable,
 )
+from pipeline.transport.hanging import HangingTransactions, probe
 
 log = logging.getLogger(__name__)
 
@@ -93,7 +94,11 @@ class KafkaPythonTransport:
         )
 
     def changelog_reader(self, stall_timeout_s: float) -> KafkaChangelogReader:
-        return KafkaChangelogReader(self._kafka.client_kwargs(), stall_timeout_s)
+        return KafkaChangelogReader(
+            self._kafka.client_kwargs(),
+            stall_timeout_s,
+            HangingTransactions(self._kafka.client_kwargs()),
+        )
 
 
 class _Listener(AsyncConsumerRebalanceListener):  # type: ignore[misc]
@@ -462,9 +467,15 @@ def _make_producer(client_kwargs: Mapping[str, Any], **settings: Any) -> KafkaPr
 class KafkaChangelogReader:
     """`ChangelogReader` over a kafka-python consumer without a group."""
 
-    def __init__(self, client_kwargs: Mapping[str, Any], stall_timeout_s: float) -> None:
+    def __init__(
+        self,
+        client_kwargs: Mapping[str, Any],
+        stall_timeout_s: float,
+        hanging: HangingTransactions | None = None,
+    ) -> None:
         self._client_kwargs = dict(client_kwargs)
         self._stall_timeout_s = stall_timeout_s
+        self._hanging = hanging
 
     def read_latest(
         self, topic: str, partitions: list[int], remaining: Callable[[int], None]
@@ -495,7 +506,7 @@ class KafkaChangelogReader:
             latest: Latest = {}
             read = 0
             positions = {tp: 0 for tp in left}
-            stall = StallWatch(topic, self._stall_timeout_s)
+            stall = StallWatch(topic, self._stall_timeout_s, probe(self._hanging))
             while left:
                 try:
                     for tp, records in consumer.poll(timeout_ms=500).items():

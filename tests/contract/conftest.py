@@ -41,6 +41,8 @@ class Outage:
     topic: Callable[[], str]
     # Connections reset and new ones refused, as while the broker restarts.
     reset: Callable[[], None]
+    # The broker itself, not through the proxy (real harnesses only).
+    bootstrap: str = ""
 
 
 class Harness(Protocol):
@@ -199,6 +201,7 @@ class RealHarness:
             broker.proxy.restore,
             lambda: own.topic(1),
             broker.proxy.cut,
+            broker.bootstrap,
         )
 
 

@@ -29,6 +29,7 @@ from pipeline.errors import (
 from pipeline.records import OutputRecord
 from pipeline.transport import base
 from pipeline.transport.base import Source, Transport
+from tests.contract.hanging import write_hanging_transaction
 
 pytestmark = pytest.mark.integration
 
@@ -455,3 +456,21 @@ def test_an_evicted_member_cannot_commit_with_what_its_client_knows_later(harnes
     sink.close()
     evicted.close()
     other.close()
+
+
+def test_a_changelog_restore_aborts_a_hanging_transaction_and_reads_what_follows_it(harness):
+    """A transaction its coordinator does not know held the restore back for good: the
+    reader stood at its first offset until its stall bound, twice, and the server exited
+    each time (the fault campaign's CI tier: a broker restart, exactly-once, confluent)."""
+    if harness.name == "fake":
+        pytest.skip("the fake has no coordinators to lose track of a transaction")
+    outage = harness.outage()
+    topic = outage.topic()
+    write_hanging_transaction(outage.bootstrap, topic, b"held", b"never")
+    sink = outage.transport.sink()
+    sink.send([OutputRecord(topic, b"after", b"committed", (), 0)])
+    sink.flush(30.0)
+    started = time.monotonic()
+    latest, _ = outage.transport.changelog_reader(20.0).read_latest(topic, [0], lambda n: None)
+    assert latest == {b"after": (0, b"committed")}
+    assert time.monotonic() - started < 20.0  # aborted at half the bound, not given up on
