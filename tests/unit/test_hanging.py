@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 from kafka import TopicPartition
+from kafka.errors import ClusterAuthorizationFailedError
 
 from pipeline.errors import RestoreStalledError
 from pipeline.testing import ManualClock
@@ -20,6 +21,7 @@ from pipeline.transport.hanging import (
     OpenTransaction,
     holding,
     is_hanging,
+    resolve_quietly,
 )
 
 
@@ -150,3 +152,12 @@ def test_the_stall_error_says_what_the_probe_found():
     clock.advance(30.0)
     with pytest.raises(RestoreStalledError, match=r"\[0\] at 182 of 194.*producer id 7"):
         watch.check({0: 182}, {0: 194})
+
+
+def test_a_cluster_that_refuses_to_be_asked_is_said_not_raised():
+    class Refusing(Admin):
+        def describe_producers(self, partitions: list[TopicPartition]) -> dict[Any, Any]:
+            raise ClusterAuthorizationFailedError("no ClusterAction")
+
+    said, aborted = resolve_quietly(resolver(Refusing({}, {})), "log", {0: 182})
+    assert (aborted, said.startswith("looking for hanging transactions failed")) == (False, True)
