@@ -182,14 +182,14 @@ class Transport(Protocol):
 class StallWatch:
     """For a changelog reader: `RestoreStalledError` when no partition's position moved
     for `timeout_s` while some are still to read. Halfway there, `probe` is asked once
-    what holds the positions (`hanging.resolve_quietly`: a hanging transaction, which it
-    aborts); what it says goes into the error, and an abort starts the wait afresh."""
+    what holds the positions (`hanging.find_quietly`: the transactions open there, and
+    their coordinator's word on each), and what it says goes into the error."""
 
     def __init__(
         self,
         topic: str,
         timeout_s: float,
-        probe: Callable[[str, Mapping[int, int]], tuple[str, bool]] | None = None,
+        probe: Callable[[str, Mapping[int, int]], str] | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._topic = topic
@@ -198,8 +198,7 @@ class StallWatch:
         self._clock = clock
         self._positions: dict[int, int] = {}
         self._since = clock()
-        self._probed = False
-        self._found = ""
+        self._found: str | None = None
 
     def check(self, positions: Mapping[int, int], ends: Mapping[int, int]) -> None:
         """`positions` and `ends` of the partitions still to read (empty: done)."""
@@ -207,15 +206,12 @@ class StallWatch:
         if not positions or any(self._positions.get(p, -1) < o for p, o in positions.items()):
             self._positions = dict(positions)
             self._since = now
-            self._probed = False
+            self._found = None
             return
-        if self._probe is not None and not self._probed and now - self._since > self._timeout_s / 2:
-            self._probed = True
-            self._found, aborted = self._probe(self._topic, positions)
-            if aborted:
-                self._since = self._clock()
-                return
-        if now - self._since > self._timeout_s:
+        stood = now - self._since
+        if self._probe is not None and self._found is None and stood > self._timeout_s / 2:
+            self._found = self._probe(self._topic, positions)
+        if stood > self._timeout_s:
             where = ", ".join(f"[{p}] at {positions[p]} of {ends[p]}" for p in sorted(positions))
             found = f"; {self._found}" if self._found else ""
             raise RestoreStalledError(

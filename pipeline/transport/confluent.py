@@ -73,7 +73,7 @@ from pipeline.transport.base import (
     not_a_member,
     unauthorized,
 )
-from pipeline.transport.hanging import HangingTransactions, probe
+from pipeline.transport.hanging import OpenTransactions, probe
 
 log = logging.getLogger(__name__)
 
@@ -137,7 +137,7 @@ class ConfluentTransport:
         return ConfluentChangelogReader(
             self._kafka.librdkafka_config(),
             stall_timeout_s,
-            HangingTransactions(self._kafka.client_kwargs()),
+            OpenTransactions(self._kafka.client_kwargs()),
         )
 
 
@@ -540,11 +540,11 @@ class ConfluentChangelogReader:
         self,
         config: dict[str, Any],
         stall_timeout_s: float,
-        hanging: HangingTransactions | None = None,
+        open_transactions: OpenTransactions | None = None,
     ) -> None:
         self._config = config
         self._stall_timeout_s = stall_timeout_s
-        self._hanging = hanging
+        self._open_transactions = open_transactions
 
     def read_latest(
         self, topic: str, partitions: list[int], remaining: Callable[[int], None]
@@ -579,7 +579,7 @@ class ConfluentChangelogReader:
             left = {p for p in partitions if ends[p] > 0}
             latest: Latest = {}
             read = 0
-            stall = StallWatch(topic, self._stall_timeout_s, probe(self._hanging))
+            stall = StallWatch(topic, self._stall_timeout_s, probe(self._open_transactions))
             while left:
                 messages = _take(consumer, 10_000, 0.5)
                 errors = list(map(Message.error, messages))

@@ -1,18 +1,20 @@
-"""Hanging transactions: open on a partition although no transaction coordinator has one
-open for their producer (KIP-664).
+"""What holds a stalled restore: the transactions open on the partitions it reads, and
+what their coordinator says of each (KIP-664's DescribeProducers and ListTransactions).
 
 A changelog restore reads to the end of each partition as it was when the restore began,
 so it waits for every transaction open there: their snapshots may still be committed. A
-transaction normally ends within its timeout, when its producer commits or aborts it or
-the coordinator aborts it. A *hanging* one never does: its records reached the partition
-without the coordinator knowing (a write that arrived after the abort, a coordinator
-that lost its state), so no marker will ever end it, and every `read_committed` reader of
-the partition stands still before it. Kafka's answer is an operator's:
-`kafka-transactions.sh find-hanging`, then `kafka-transactions.sh abort`. A stalled
-restore does the same for the partitions it reads, with kafka-python's admin client
-(DescribeProducers, ListTransactions, WriteTxnMarkers), and aborts only transactions that
-their coordinator does not track: one it tracks ends by itself, and aborting it on one
-partition would break its atomicity.
+transaction normally ends within its timeout. A *hanging* one never does: its records are
+on the partition but its coordinator has nothing open for its producer, so no marker will
+ever end it, and every `read_committed` reader of the partition stands still before it.
+
+The server does not end one itself. Kafka's tool can only abort it
+(`kafka-transactions.sh abort`), and an abort is right only if the coordinator aborted
+the transaction: the fault campaign met one that the coordinator had *committed*
+(`CompleteCommit` in `__transaction_state`) while writing none of its markers, during a
+single-node broker's graceful stop; aborting its changelog records there restored states
+older than the offsets committed with them (docs/durability.md, "The fault campaign").
+Which outcome is right only the coordinator's log says, so the decision stays with an
+operator, and this module says what the operator needs to decide.
 """
 
 from __future__ import annotations
@@ -24,7 +26,6 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from kafka import KafkaAdminClient, TopicPartition
-from kafka.admin import AbortTransactionSpec
 
 log = logging.getLogger(__name__)
 
@@ -40,18 +41,16 @@ class OpenTransaction:
     partition: int
     producer_id: int
     producer_epoch: int
-    coordinator_epoch: int
     start_offset: int
 
 
 @dataclass(frozen=True)
 class Finding:
-    """What the coordinator says of an open transaction, and what was done about it."""
+    """An open transaction, and what its coordinator says of its producer."""
 
     transaction: OpenTransaction
     transactional_id: str | None  # None: no coordinator lists its producer id
     state: str | None
-    aborted: bool
 
     @property
     def hanging(self) -> bool:
@@ -67,12 +66,12 @@ class Finding:
             said = f"whose transactional id {self.transactional_id!r} is {self.state}"
         if not self.hanging:
             return f"a transaction of {who} is open on {where}, {said}: it ends by itself"
-        if self.aborted:
-            return f"aborted the hanging transaction of {who} on {where}, {said}"
         return (
-            f"a hanging transaction of {who} holds {where}, {said}; abort it with "
-            f"kafka-transactions.sh --bootstrap-server ... abort --topic {t.topic} "
-            f"--partition {t.partition} --start-offset {t.start_offset}"
+            f"a hanging transaction of {who} holds {where}, {said}: no marker will end it. "
+            "Its coordinator decided its outcome; if that was an abort (its records are "
+            "not wanted), end it with kafka-transactions.sh --bootstrap-server ... abort "
+            f"--topic {t.topic} --partition {t.partition} --start-offset {t.start_offset}"
+            " (docs/operations.md#restore)"
         )
 
 
@@ -94,14 +93,7 @@ def holding(
             start = p.current_transaction_start_offset
             if 0 <= start <= position:
                 found.append(
-                    OpenTransaction(
-                        topic,
-                        partition,
-                        p.producer_id,
-                        p.producer_epoch,
-                        p.coordinator_epoch,
-                        start,
-                    )
+                    OpenTransaction(topic, partition, p.producer_id, p.producer_epoch, start)
                 )
     return found
 
@@ -113,13 +105,11 @@ class Admin(Protocol):
 
     def list_transactions(self, *, producer_id_filters: list[int]) -> dict[int, list[Any]]: ...
 
-    def abort_transaction(self, spec: AbortTransactionSpec) -> None: ...
-
     def close(self) -> None: ...
 
 
-class HangingTransactions:
-    """Finds the transactions that hold a stalled restore back, and aborts the hanging ones."""
+class OpenTransactions:
+    """Asks the cluster what holds a stalled restore back."""
 
     def __init__(self, client_kwargs: Mapping[str, Any]) -> None:
         self._client_kwargs = dict(client_kwargs)
@@ -129,48 +119,24 @@ class HangingTransactions:
         admin: Admin = KafkaAdminClient(request_timeout_ms=10_000, **self._client_kwargs)
         return admin
 
-    def resolve(self, topic: str, positions: Mapping[int, int]) -> list[Finding]:
-        """What holds `topic`'s partitions at `positions` (a reader's positions that do not
-        move), with each hanging transaction aborted. `KafkaError` when the cluster does not
-        answer or refuses (aborting needs the ClusterAction permission)."""
+    def find(self, topic: str, positions: Mapping[int, int]) -> list[Finding]:
+        """The transactions open on `topic`'s partitions at or before `positions` (a
+        reader's positions that do not move), each with its coordinator's state.
+        `KafkaError` when the cluster does not answer or refuses."""
         admin = self.admin()
         try:
-            return [self._judge(admin, t) for t in self._open(admin, topic, positions)]
+            described = admin.describe_producers([TopicPartition(topic, p) for p in positions])
+            producers = {tp.partition: s.active_producers for tp, s in described.items()}
+            return [self._judge(admin, t) for t in holding(topic, producers, positions)]
         finally:
             admin.close()
-
-    def _open(
-        self, admin: Admin, topic: str, positions: Mapping[int, int]
-    ) -> list[OpenTransaction]:
-        described = admin.describe_producers([TopicPartition(topic, p) for p in positions])
-        producers = {tp.partition: state.active_producers for tp, state in described.items()}
-        return holding(topic, producers, positions)
 
     def _judge(self, admin: Admin, transaction: OpenTransaction) -> Finding:
         listings = admin.list_transactions(producer_id_filters=[transaction.producer_id])
         rows = [row for rows in listings.values() for row in rows]
         if not rows:
-            transactional_id, state = None, None
-        else:
-            transactional_id, state = rows[0].transactional_id, str(rows[0].state.value)
-        aborted = False
-        # Still open at the same offset after the coordinator's answer: had it been a
-        # transaction that ended meanwhile, its marker would have closed it by now.
-        if is_hanging(state) and transaction in self._open(
-            admin, transaction.topic, {transaction.partition: transaction.start_offset}
-        ):
-            admin.abort_transaction(
-                AbortTransactionSpec(
-                    TopicPartition(transaction.topic, transaction.partition),
-                    transaction.producer_id,
-                    transaction.producer_epoch,
-                    transaction.coordinator_epoch,
-                )
-            )
-            aborted = True
-        finding = Finding(transaction, transactional_id, state, aborted)
-        log.warning("restore stalled: %s", finding)
-        return finding
+            return Finding(transaction, None, None)
+        return Finding(transaction, rows[0].transactional_id, str(rows[0].state.value))
 
 
 def describe(findings: Sequence[Finding]) -> str:
@@ -180,23 +146,18 @@ def describe(findings: Sequence[Finding]) -> str:
     return "; ".join(map(str, findings))
 
 
-def resolve_quietly(
-    hanging: HangingTransactions, topic: str, positions: Mapping[int, int]
-) -> tuple[str, bool]:
-    """`resolve`, for a reader that stalls: (what was found, whether anything was aborted),
-    with the cluster's refusal or silence said instead of raised. Looking is a help to
-    the restore, never a new way for it to fail: whatever the admin client raises is said
-    (and the stall bound still ends a restore that does not move)."""
+def find_quietly(found: OpenTransactions, topic: str, positions: Mapping[int, int]) -> str:
+    """`find`, for a reader that stalls, as one line; logged. Looking is a help to the
+    restore, never a new way for it to fail: whatever the admin client raises is said
+    instead (and the stall bound still ends a restore that does not move)."""
     try:
-        findings = hanging.resolve(topic, positions)
+        said = describe(found.find(topic, positions))
     except Exception as exc:  # said in the log and in the stall error
-        log.warning("restore stalled; looking for hanging transactions failed: %s", exc)
-        return f"looking for hanging transactions failed ({exc})", False
-    return describe(findings), any(f.aborted for f in findings)
+        said = f"asking the cluster which transactions are open there failed ({exc})"
+    log.warning("restoring from %s stands still: %s", topic, said)
+    return said
 
 
-def probe(
-    hanging: HangingTransactions | None,
-) -> Callable[[str, Mapping[int, int]], tuple[str, bool]] | None:
-    """The `StallWatch` probe over `hanging` (None: a reader that does not look)."""
-    return None if hanging is None else functools.partial(resolve_quietly, hanging)
+def probe(found: OpenTransactions | None) -> Callable[[str, Mapping[int, int]], str] | None:
+    """The `StallWatch` probe over `found` (None: a reader that does not ask)."""
+    return None if found is None else functools.partial(find_quietly, found)

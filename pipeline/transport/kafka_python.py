@@ -56,7 +56,7 @@ from pipeline.transport.base import (
     unauthorized,
     unreachable,
 )
-from pipeline.transport.hanging import HangingTransactions, probe
+from pipeline.transport.hanging import OpenTransactions, probe
 
 log = logging.getLogger(__name__)
 
@@ -97,7 +97,7 @@ class KafkaPythonTransport:
         return KafkaChangelogReader(
             self._kafka.client_kwargs(),
             stall_timeout_s,
-            HangingTransactions(self._kafka.client_kwargs()),
+            OpenTransactions(self._kafka.client_kwargs()),
         )
 
 
@@ -471,11 +471,11 @@ class KafkaChangelogReader:
         self,
         client_kwargs: Mapping[str, Any],
         stall_timeout_s: float,
-        hanging: HangingTransactions | None = None,
+        open_transactions: OpenTransactions | None = None,
     ) -> None:
         self._client_kwargs = dict(client_kwargs)
         self._stall_timeout_s = stall_timeout_s
-        self._hanging = hanging
+        self._open_transactions = open_transactions
 
     def read_latest(
         self, topic: str, partitions: list[int], remaining: Callable[[int], None]
@@ -506,7 +506,7 @@ class KafkaChangelogReader:
             latest: Latest = {}
             read = 0
             positions = {tp: 0 for tp in left}
-            stall = StallWatch(topic, self._stall_timeout_s, probe(self._hanging))
+            stall = StallWatch(topic, self._stall_timeout_s, probe(self._open_transactions))
             while left:
                 try:
                     for tp, records in consumer.poll(timeout_ms=500).items():

@@ -10,7 +10,7 @@ partition and offset), and `hiddenstate serve` replicas as a StatefulSet
 would run them (stable slots: the same metrics port, so the same
 transactional id, after each restart). While events flow, faults come at
 random moments: kill -9, SIGSTOP past the session timeout then SIGCONT,
-1 -> 3 -> 1 replicas with kills, broker stop/start, network cuts. A final
+1 -> 3 -> 1 replicas with kills, broker kill -9/start, network cuts. A final
 restart sends one more event to every stream. Then the checker reads the
 output, dead-letter and changelog topics with its own consumer and compares
 every prediction with an independent reference that steps the exported ONNX

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import signal
 import time
 import uuid
 from dataclasses import dataclass
@@ -11,6 +13,7 @@ from confluent_kafka import KafkaException
 from confluent_kafka.admin import AdminClient, NewTopic
 
 from pipeline.devtools import local_kafka
+from pipeline.devtools.home import alive
 from tests.chaos.proxy import Proxy
 from tests.ports import free_ports
 
@@ -54,6 +57,24 @@ class Broker:
 
     def stop(self) -> None:
         local_kafka.stop(self.kafka)
+
+    def crash(self) -> None:
+        """kill -9, as a node that fails: no controlled shutdown. A graceful stop of this
+        single node takes the leadership of every partition away first, and Kafka's
+        transaction coordinator then skips the markers of a transaction it commits
+        meanwhile (a partition without a leader counts as deleted: KAFKA-5202), which
+        leaves it hanging on every partition it wrote: a broker defect no client can
+        repair (docs/durability.md, "The fault campaign")."""
+        pid = local_kafka.running_pid(self.kafka)
+        if pid is None:
+            return
+        os.kill(pid, signal.SIGKILL)
+        deadline = time.monotonic() + 30
+        while alive(pid):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"the broker (pid {pid}) still runs 30 s after kill -9")
+            time.sleep(0.1)
+        self.kafka.pid_file.unlink(missing_ok=True)
 
     def close(self) -> None:
         self.stop()

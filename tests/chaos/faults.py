@@ -93,17 +93,18 @@ def scale(broker: Broker, replicas: ReplicaSet, rng: random.Random, count: int) 
 def broker_restart(
     broker: Broker, replicas: ReplicaSet, rng: random.Random, count: int
 ) -> list[Fault]:
-    """Two replicas; `count` times, stop the broker, and start it again a few seconds later."""
+    """Two replicas; `count` times, kill the broker (-9), and start it again a few seconds
+    later (`Broker.crash` says why not a graceful stop)."""
     clock, faults = Clock(), []
     replicas.scale(2)
     time.sleep(5.0)
     for _ in range(count):
         time.sleep(rng.uniform(2.0, 5.0))
-        broker.stop()
+        broker.crash()
         away = rng.uniform(2.0, 8.0)
         time.sleep(away)
         broker.start()
-        faults.append(Fault("broker stop/start", clock.now(), f"away {away:.1f} s + its start"))
+        faults.append(Fault("broker kill/start", clock.now(), f"away {away:.1f} s + its start"))
         time.sleep(rng.uniform(4.0, 8.0))
     return faults
 
