@@ -1,4 +1,4 @@
-"""The campaign's own broker, which it stops and starts; the servers reach it through a proxy."""
+"""The campaign's own broker, which it kills and starts again; the servers reach it through a proxy."""
 
 from __future__ import annotations
 
