@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -129,6 +129,8 @@ class ServeLoop:
         # takes them back to it (`_rewind`) as soon as the next poll returns.
         self._to_rewind: set[int] = set()
         self._rewind_due = False
+        # Partitions assigned during the last poll, restored right after it (`_take_over`).
+        self._to_take_over: set[int] = set()
         self._source = make_source(self._on_assigned, self._on_revoked, self._on_lost)
 
     @property
@@ -159,6 +161,8 @@ class ServeLoop:
         if self._rewind_due:
             self._rewind()  # what this poll returned is read again
             return
+        if self._to_take_over:
+            records = self._take_over(records)
         result = self._processor.process(records)
         stood_still = self._pause.stood_still() if self._pause is not None else 0.0
         if stood_still:
@@ -229,8 +233,48 @@ class ServeLoop:
         self._rewind_due = False
         log.warning("rewinding partitions %s to their last commit", behind)
         self._metrics.rewinds.inc()
-        # The broker may be away (that may be why the work was thrown away): try again
-        # until it answers, beating liveness meanwhile, for a bounded time.
+        committed = self._seek_then_restore(partitions, behind, reset=True)
+        log.info("partitions %s back at their committed offsets %s", partitions, committed)
+
+    def _take_over(self, records: list[InputRecord]) -> list[InputRecord]:
+        """The partitions assigned during the poll that returned `records`: to their
+        committed offsets, then their states from the changelog; what the poll returned of
+        them is read again. In this order because a member that lost them may still commit
+        a transaction it had begun while it owned them (its offsets were accepted before,
+        its end comes after): offsets read first are never ahead of the states read after
+        them, and states ahead of the offsets are what the replay guard is for. The other
+        order restored states older than offsets that such a commit moved meanwhile, and
+        their streams skipped the events in between (the fault campaign: a paused member,
+        at-least-once). Of what the poll returned, the records below those offsets were
+        committed already; the rest are served (and skipped by the replay guard when the
+        seek makes the next poll return them again)."""
+        partitions = sorted(self._to_take_over & self._assigned)
+        self._to_take_over.clear()
+        if not partitions:
+            return records
+        reading_from: dict[int, int] = {}
+        for r in records:
+            reading_from.setdefault(r.partition, r.offset)
+        committed = self._seek_then_restore(partitions, partitions, reset=False, at=reading_from)
+        log.info("partitions %s taken over at their committed offsets %s", partitions, committed)
+        return [
+            r
+            for r in records
+            if r.partition not in committed or r.offset >= (committed[r.partition] or 0)
+        ]
+
+    def _seek_then_restore(
+        self,
+        partitions: list[int],
+        restore: list[int],
+        *,
+        reset: bool,
+        at: Mapping[int, int] | None = None,
+    ) -> dict[int, int | None]:
+        """`partitions` to their committed offsets, then `restore` from the changelog. The
+        broker may be away (that may be why work was thrown away): try again until it
+        answers, beating liveness meanwhile, for a bounded time."""
+        committed: dict[int, int | None] = {}
         for attempt in Retrying(
             retry=retry_if_exception_type(KafkaUnavailableError),
             stop=stop_after_delay(self._settings.outage_patience_s),
@@ -239,11 +283,12 @@ class ServeLoop:
             reraise=True,
         ):
             with attempt:
-                self._committer.reset()
-                committed = self._source.seek_to_committed(partitions)
-                if behind:
-                    self._restore(behind)
-        log.info("partitions %s back at their committed offsets %s", partitions, committed)
+                if reset:
+                    self._committer.reset()
+                committed = self._source.seek_to_committed(partitions, at)
+                if restore:
+                    self._restore(restore)
+        return committed
 
     def _waiting_for_the_broker(self, state: RetryCallState) -> None:
         self._health.beat()
@@ -266,9 +311,10 @@ class ServeLoop:
     def _on_assigned(self, partitions: list[int]) -> None:
         log.info("assigned input partitions %s", partitions)
         self._metrics.count_rebalance("assigned")
-        self._restore(partitions)
         self._assigned |= set(partitions)
-        self._to_rewind -= set(partitions)  # restored just now, read from the commit
+        # Restored right after this poll, from their commit (`_take_over` says why then).
+        self._to_take_over |= set(partitions)
+        self._to_rewind -= set(partitions)
         self._publish_assignment()
 
     def _on_revoked(self, partitions: list[int]) -> None:
@@ -305,6 +351,7 @@ class ServeLoop:
             self._metrics.forget_partition(partition)
         self._assigned -= set(partitions)
         self._to_rewind -= set(partitions)
+        self._to_take_over -= set(partitions)
         self._publish_assignment()
 
     def _publish_assignment(self) -> None:

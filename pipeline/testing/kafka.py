@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import hashlib
 import itertools
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -49,7 +49,13 @@ from pipeline.errors import (
 )
 from pipeline.records import InputRecord, OutputRecord
 from pipeline.testing.records import ManualClock
-from pipeline.transport.base import Latest, Offsets, RebalanceCallback, not_a_member
+from pipeline.transport.base import (
+    Latest,
+    Offsets,
+    RebalanceCallback,
+    not_a_member,
+    reads_from_there,
+)
 
 PLAIN, PENDING, COMMITTED, ABORTED = "plain", "pending", "committed", "aborted"
 HEARTBEAT_S = 3.0  # both clients' default heartbeat interval
@@ -324,6 +330,8 @@ class FakeSource:
         records: list[InputRecord] = []
         for partition in sorted(self.owned):
             readable = self._kafka._readable(self._topic, partition, self._read_committed)
+            if partition not in self._positions:
+                self._positions[partition] = self._start_position(partition)
             position = self._positions[partition]
             for record in readable:
                 if len(records) >= max_records:
@@ -343,19 +351,26 @@ class FakeSource:
                     self._positions[partition] = record.offset + 1
         return records
 
-    def seek_to_committed(self, partitions: Sequence[int]) -> dict[int, int | None]:
+    def seek_to_committed(
+        self, partitions: Sequence[int], reading_from: Mapping[int, int] | None = None
+    ) -> dict[int, int | None]:
         if self._kafka.down:
             raise KafkaUnavailableError("the fake broker is down")
         committed: dict[int, int | None] = {}
         for partition in partitions:
             if partition in self.owned:
-                committed[partition] = self._group.committed.get((self._topic, partition))
-                self._positions[partition] = self._start_position(partition)
+                committed[partition] = offset = self._group.committed.get((self._topic, partition))
+                if not reads_from_there(partition, offset, reading_from):
+                    self._positions[partition] = self._start_position(partition)
         self._kafka.journal.append(("seek", dict(committed)))
         return committed
 
     def lag(self) -> dict[int, int]:
-        return {p: len(self._kafka.topics[self._topic][p]) - self._positions[p] for p in self.owned}
+        return {
+            p: len(self._kafka.topics[self._topic][p]) - self._positions[p]
+            for p in self.owned
+            if p in self._positions
+        }
 
     def group_metadata(self) -> FakeGroupMetadata:
         evicted_at = self._kafka._evicted.get(self.member_id)
@@ -403,7 +418,10 @@ class FakeSource:
         if free:
             for partition in free:
                 group.owners[(self._topic, partition)] = self.member_id
-                self._positions[partition] = self._start_position(partition)
+                # Fetched after the callback, as both clients do: kafka-python and
+                # librdkafka ask for a new partition's committed offset once the assigned
+                # callback has returned (and wait out a transaction's pending offsets).
+                self._positions.pop(partition, None)
             self.owned |= set(free)
             self._callback("assigned", free)
 

@@ -59,12 +59,15 @@ class Source(Protocol):
         Returns as soon as records are there (at most `max_records`), or empty after
         `timeout_s`."""
 
-    def seek_to_committed(self, partitions: Sequence[int]) -> dict[int, int | None]:
+    def seek_to_committed(
+        self, partitions: Sequence[int], reading_from: Mapping[int, int] | None = None
+    ) -> dict[int, int | None]:
         """Move the position of each assigned partition back to its committed offset (where
         the group has none: where `auto_offset_reset` says), so the next poll returns its
-        records from there again. Returns the committed offsets (None: none yet). Partitions
-        this member no longer holds are skipped. `KafkaUnavailableError` if the broker does
-        not answer in time."""
+        records from there again; a partition whose committed offset is `reading_from[p]`
+        (the first offset the last poll returned of it) is left where it is. Returns the
+        committed offsets (None: none yet). Partitions this member no longer holds are
+        skipped. `KafkaUnavailableError` if the broker does not answer in time."""
 
     def lag(self) -> dict[int, int]:
         """Records behind the end of each assigned partition, where known."""
@@ -254,6 +257,18 @@ def fenced(transactional_id: str) -> str:
         "with the same --instance-id, or the broker aborted a transaction that outlived "
         "its timeout)"
     )
+
+
+def reads_from_there(
+    partition: int, committed: int | None, reading_from: Mapping[int, int] | None
+) -> bool:
+    """For `Source.seek_to_committed`: whether the client reads `partition` from where a seek
+    would put it already (the first offset the last poll returned is the committed one, or
+    there is none and the reset policy chose the start), so seeking would only return
+    those records again."""
+    if reading_from is None or partition not in reading_from:
+        return False
+    return committed is None or reading_from[partition] == committed
 
 
 def not_a_member(group_id: str) -> str:

@@ -34,7 +34,7 @@ from __future__ import annotations
 import logging
 import struct
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, cast
 
 from confluent_kafka import (
@@ -71,6 +71,7 @@ from pipeline.transport.base import (
     StallWatch,
     fenced,
     not_a_member,
+    reads_from_there,
     unauthorized,
 )
 from pipeline.transport.hanging import OpenTransactions, probe
@@ -251,7 +252,9 @@ class ConfluentSource:
             raise undecodable_batch(message.topic(), message.partition(), message.offset(), error)
         self._errors(error)
 
-    def seek_to_committed(self, partitions: Sequence[int]) -> dict[int, int | None]:
+    def seek_to_committed(
+        self, partitions: Sequence[int], reading_from: Mapping[int, int] | None = None
+    ) -> dict[int, int | None]:
         consumer = self._consumer
         held = {tp.partition for tp in consumer.assignment()}
         wanted = [TopicPartition(self._topic, p) for p in partitions if p in held]
@@ -268,6 +271,8 @@ class ConfluentSource:
         for tp in committed:
             known = tp.offset >= 0
             offsets[tp.partition] = tp.offset if known else None
+            if reads_from_there(tp.partition, offsets[tp.partition], reading_from):
+                continue
             consumer.seek(
                 TopicPartition(self._topic, tp.partition, tp.offset if known else self._reset_to)
             )

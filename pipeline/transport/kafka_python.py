@@ -53,6 +53,7 @@ from pipeline.transport.base import (
     StallWatch,
     fenced,
     not_a_member,
+    reads_from_there,
     unauthorized,
     unreachable,
 )
@@ -202,7 +203,9 @@ class KafkaSource:
             raise
         return [InputRecord.from_kafka(r) for records in batches.values() for r in records]
 
-    def seek_to_committed(self, partitions: Sequence[int]) -> dict[int, int | None]:
+    def seek_to_committed(
+        self, partitions: Sequence[int], reading_from: Mapping[int, int] | None = None
+    ) -> dict[int, int | None]:
         consumer = self._consumer
         held = {tp.partition for tp in consumer.assignment()}
         committed: dict[int, int | None] = {}
@@ -218,6 +221,8 @@ class KafkaSource:
                     f"within {TRANSACTION_CALL_TIMEOUT_S:.0f} s: {exc}"
                 ) from exc
             committed[partition] = offset
+            if reads_from_there(partition, offset, reading_from):
+                continue
             if offset is not None:
                 consumer.seek(tp, offset)
             elif self._reset_to == "earliest":

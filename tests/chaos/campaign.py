@@ -26,7 +26,7 @@ from pipeline.testing import random_weights, write_onnx_step
 from tests.chaos.broker import Broker, Topics
 from tests.chaos.checker import Report, check, read_topic
 from tests.chaos.faults import SCENARIOS, SESSION_TIMEOUT_S
-from tests.chaos.producer import RecordingProducer
+from tests.chaos.producer import RecordingProducer, written
 from tests.chaos.reference import reference
 from tests.chaos.servers import REPO, ReplicaSet
 
@@ -121,7 +121,12 @@ def run_one(run: Run, broker: Broker, model_path: Path, logs: Path) -> dict[str,
         before = len(producer.delivered)
         producer.send_round()
         final_round = {(e.partition, e.offset) for e in producer.delivered[before:]}
-        truths = reference(model_path, producer.delivered)
+        # The log is the truth: what the servers read (`written` says why not the
+        # producer's own record); delivered events missing from it are counted apart.
+        events = written(read_topic(broker.bootstrap, topics.input, committed=False))
+        in_log = {(e.partition, e.offset) for e in events}
+        not_in_log = sum((e.partition, e.offset) not in in_log for e in producer.delivered)
+        truths = reference(model_path, events)
         served = _wait_served(broker, topics, set(truths), exactly_once)
         replicas.stop(0)
     finally:
@@ -130,12 +135,17 @@ def run_one(run: Run, broker: Broker, model_path: Path, logs: Path) -> dict[str,
         broker.bootstrap,
         topics,
         [changelog_topic(topics)],
-        producer.delivered,
+        events,
         truths,
         exactly_once=exactly_once,
         final_round=final_round,
     )
-    ok = report.ok and not replicas.hangs and (not exactly_once or report.duplicates == 0)
+    ok = (
+        report.ok
+        and not replicas.hangs
+        and not not_in_log
+        and (not exactly_once or report.duplicates == 0)
+    )
     return {
         "run": asdict(run),
         "name": run.name,
@@ -148,6 +158,8 @@ def run_one(run: Run, broker: Broker, model_path: Path, logs: Path) -> dict[str,
         "restarts": replicas.restarts,
         "hangs": replicas.hangs,
         "producer_failures": producer.failed,
+        "written_though_failed": len(events) - (len(producer.delivered) - not_in_log),
+        "delivered_not_in_log": not_in_log,
     }
 
 

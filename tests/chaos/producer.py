@@ -7,6 +7,7 @@ import json
 import threading
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 from confluent_kafka import KafkaError, Message, Producer
@@ -122,3 +123,24 @@ class RecordingProducer:
             except BufferError:
                 self._producer.poll(0.1)
         self._sent += 1
+
+
+def written(records: list[Any]) -> list[Delivered]:
+    """The events as the input topic holds them (`checker.read_topic` of it), each with its
+    index in its stream: what the servers read, so what the reference must step. When the
+    broker is killed, a write can persist although librdkafka reported it failed (the
+    answer was lost with the broker and the retry was refused), so the producer's own
+    record of deliveries may lack events that are in the log."""
+    events: list[Delivered] = []
+    next_index: dict[bytes, int] = {}
+    for message in sorted(records, key=lambda m: (m.partition(), m.offset())):
+        key = message.key()
+        try:
+            x = tuple(float(v) for v in json.loads(message.value())["x"])
+        except (ValueError, KeyError, TypeError):
+            events.append(Delivered(key, -1, message.partition(), message.offset(), ()))
+            continue
+        index = next_index.get(key, 0)
+        next_index[key] = index + 1
+        events.append(Delivered(key, index, message.partition(), message.offset(), x))
+    return events

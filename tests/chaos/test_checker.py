@@ -16,7 +16,7 @@ from pipeline.changelog import SnapshotCodec
 from pipeline.state_store import Snapshot
 from pipeline.testing import random_weights
 from tests.chaos.checker import _decode, judge
-from tests.chaos.producer import Delivered
+from tests.chaos.producer import Delivered, written
 from tests.chaos.reference import Truth
 
 
@@ -159,3 +159,35 @@ def test_the_documented_snapshot_format_reads_what_the_server_writes(step):
     decoded = _decode(snapshot(step, 1234, state, 0).value())
     assert decoded[:2] == (step, 1234)
     np.testing.assert_array_equal(decoded[2], state)
+
+
+class _Message:
+    def __init__(self, partition: int, offset: int, key: bytes, value: bytes) -> None:
+        self._p, self._o, self._k, self._v = partition, offset, key, value
+
+    def partition(self) -> int:
+        return self._p
+
+    def offset(self) -> int:
+        return self._o
+
+    def key(self) -> bytes:
+        return self._k
+
+    def value(self) -> bytes:
+        return self._v
+
+
+def test_the_events_the_log_holds_are_numbered_per_stream_in_offset_order():
+    """A write the producer was told failed (the broker killed under it) is in the log, and
+    the servers stepped it: the reference steps the log, not the producer's record."""
+    log = [
+        _Message(0, 7, b"s1", b'{"x": [3.0]}'),
+        _Message(0, 5, b"s1", b'{"x": [1.0]}'),
+        _Message(0, 6, b"s1", b"{not json"),
+    ]
+    assert [(e.offset, e.index, e.x) for e in written(log)] == [
+        (5, 0, (1.0,)),
+        (6, -1, ()),
+        (7, 1, (3.0,)),
+    ]

@@ -523,6 +523,43 @@ def test_a_rewind_restores_the_states_of_the_last_commit_and_replays_from_it(
     np.testing.assert_allclose(outputs[-1], outputs[-2], atol=1e-6)
 
 
+# -- taking over: the old owner's late commit skips nothing ---------------------------
+
+
+def test_a_member_taking_over_is_not_set_back_by_a_late_commit_of_the_old_owner(kafka, member):
+    """The fault campaign (pause, at-least-once, kafka-python): a member paused with a
+    checkpoint whose offsets the broker had accepted ended that transaction when it woke,
+    after the new owner had restored the partitions' states but before its client fetched
+    their committed offsets (which waited for that transaction). The new owner served from
+    the late commit's offsets with the states before it: 5,738 predictions whose streams
+    skipped the events in between. Here the late commit lands while the new owner
+    restores, as it did there."""
+    old = member(name="m0", interval_s=60.0)
+    kafka.produce(INPUT, [(b"a", ev(1))])
+    old.serve()
+    old.committer.checkpoint(old.source.group_metadata)  # committed: a at step 1
+    kafka.produce(INPUT, [(b"a", ev(2))])
+    old.serve()  # a at step 2, not committed yet
+    old.source.pause()
+    kafka.advance(11.0)  # past the session: the group drops the old owner
+    new = member(name="m1", interval_s=60.0)
+    restore = new.changelog.restore
+    late: list[bool] = []
+
+    def restore_then_the_late_commit(partitions: list[int], progress: Any) -> None:
+        restore(partitions, progress)
+        if not late:  # the old owner's transaction ends: a at step 2 and its offset
+            late.append(True)
+            old.committer.checkpoint(new.source.group_metadata)
+
+    new.changelog.restore = restore_then_the_late_commit  # type: ignore[method-assign]
+    new.serve()  # joins and takes both partitions over
+    kafka.produce(INPUT, [(b"a", ev(3))])
+    new.serve(polls=2)
+    assert late == [True]
+    assert new.steps() == {b"a": 3}
+
+
 # -- counted ------------------------------------------------------------------------
 
 
