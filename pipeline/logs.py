@@ -79,6 +79,20 @@ def configure(log_format: str, level: int | str = logging.INFO) -> None:
     root.setLevel(level)
     for chatty in _CHATTY:
         logging.getLogger(chatty).setLevel(logging.WARNING)
+    cluster = logging.getLogger("kafka.cluster")
+    if not any(isinstance(f, _CancelledRefresh) for f in cluster.filters):
+        cluster.addFilter(_CancelledRefresh())
+
+
+class _CancelledRefresh(logging.Filter):
+    """kafka-python 3 logs the metadata refresh that its own close cancels as an ERROR
+    ("Metadata refresh: failed Cancelled", kafka/cluster.py): a clean stop is not an
+    error, so that one record is dropped; every other failed refresh still shows."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        args = record.args if isinstance(record.args, tuple) else ()
+        cancelled = bool(args) and type(args[0]).__name__ == "Cancelled"
+        return not (record.msg == "Metadata refresh: failed %s" and cancelled)
 
 
 def requested_format(argv: Sequence[str], environ: Mapping[str, str]) -> str:

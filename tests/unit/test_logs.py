@@ -147,3 +147,15 @@ def test_records_go_to_the_stderr_of_the_moment(root_handlers, monkeypatch):
     monkeypatch.setattr(sys, "stderr", replaced)
     logging.getLogger("pipeline.test").warning("to the new stream")
     assert json.loads(replaced.getvalue())["message"] == "to the new stream"
+
+
+def test_the_refresh_kafka_python_cancels_at_its_own_close_is_not_logged_as_an_error(capsys):
+    from kafka.errors import Cancelled
+
+    logs.configure("text")
+    cluster = logging.getLogger("kafka.cluster")
+    cluster.error("Metadata refresh: failed %s", Cancelled())
+    cluster.error("Metadata refresh: failed %s", OSError("connection refused"))
+    err = capsys.readouterr().err
+    assert "Cancelled" not in err
+    assert "connection refused" in err
