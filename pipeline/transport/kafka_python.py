@@ -215,10 +215,13 @@ class KafkaSource:
             tp = TopicPartition(self._topic, partition)
             try:
                 offset = consumer.committed(tp, timeout_ms=int(TRANSACTION_CALL_TIMEOUT_S * 1000))
-            except KafkaTimeoutError as exc:
+            except RetriableError as exc:
+                # A timeout, or kafka-python 3's own connection error: its search for the
+                # group coordinator lets a failed metadata refresh out (the fault campaign:
+                # a network cut while a member took partitions over). The loop tries again.
                 raise KafkaUnavailableError(
                     f"the committed offset of {self._topic}[{partition}] was not fetched "
-                    f"within {TRANSACTION_CALL_TIMEOUT_S:.0f} s: {exc}"
+                    f"within {TRANSACTION_CALL_TIMEOUT_S:.0f} s (is the broker away?): {exc!r}"
                 ) from exc
             committed[partition] = offset
             if reads_from_there(partition, offset, reading_from):

@@ -124,8 +124,7 @@ def run_one(run: Run, broker: Broker, model_path: Path, logs: Path) -> dict[str,
         # The log is the truth: what the servers read (`written` says why not the
         # producer's own record); delivered events missing from it are counted apart.
         events = written(read_topic(broker.bootstrap, topics.input, committed=False))
-        in_log = {(e.partition, e.offset) for e in events}
-        not_in_log = sum((e.partition, e.offset) not in in_log for e in producer.delivered)
+        not_in_log = producer.not_in_log(events)
         truths = reference(model_path, events)
         served = _wait_served(broker, topics, set(truths), exactly_once)
         replicas.stop(0)
@@ -158,7 +157,9 @@ def run_one(run: Run, broker: Broker, model_path: Path, logs: Path) -> dict[str,
         "restarts": replicas.restarts,
         "hangs": replicas.hangs,
         "producer_failures": producer.failed,
-        "written_though_failed": len(events) - (len(producer.delivered) - not_in_log),
+        "acknowledged_without_offset": len(producer.unplaced),
+        "written_though_failed": len(events)
+        - (len(producer.delivered) + len(producer.unplaced) - not_in_log),
         "delivered_not_in_log": not_in_log,
     }
 

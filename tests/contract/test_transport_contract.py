@@ -23,6 +23,7 @@ from pipeline.errors import (
     DeliveryError,
     FencedError,
     FlushTimeoutError,
+    KafkaUnavailableError,
     RestoreStalledError,
     TransactionAbortedError,
     TransactionTimeoutError,
@@ -405,6 +406,38 @@ def test_poll_while_the_broker_resets_its_connections_returns_nothing_and_serves
     sink.send([OutputRecord(topic, b"k", b"after", (), 0)])
     sink.flush(30.0)
     poll_until(harness, lambda: [r.value for r in member.records] == [b"after"], member)
+
+
+def test_seek_to_committed_while_the_broker_resets_its_connections_is_unavailable_then_done(
+    harness,
+):
+    """kafka-python 3's `committed()` let its own connection error out of its search for the
+    group coordinator; the loop retries only `KafkaUnavailableError`, and a member taking
+    partitions over during a network cut died with a traceback (the fault campaign of
+    commit 4bf6188: network cut, at-least-once, kafka-python)."""
+    outage = harness.outage()
+    topic = outage.topic()
+    member = Member(outage.transport, topic)
+    poll_until(harness, lambda: member.held == {0}, member)
+    outage.reset()
+    back = threading.Timer(3.0, outage.restore)
+    back.start()
+    answers: list[object] = []
+    deadline = time.monotonic() + 60.0
+    try:
+        while time.monotonic() < deadline:  # as the loop does, bounded: until it answers
+            try:
+                answers.append(member.source.seek_to_committed([0]))
+                break
+            except KafkaUnavailableError as exc:
+                answers.append(type(exc))
+                time.sleep(0.25)
+    finally:
+        back.join()
+        outage.restore()
+    assert answers[-1] == {0: None}
+    assert set(answers[:-1]) <= {KafkaUnavailableError}
+    member.close()
 
 
 def test_a_changelog_restore_rides_out_a_broker_that_resets_its_connections_for_a_while(harness):
