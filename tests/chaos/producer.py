@@ -44,9 +44,9 @@ class RecordingProducer:
     seed: int = 0
     bad_every: int = 97
     delivered: list[Delivered] = field(default_factory=list)
-    # Acknowledged without an offset: librdkafka's idempotent producer reports a retry the
-    # broker recognised as a duplicate of an earlier write (after a broker kill) as
-    # delivered, offset unknown. Kept by stream and index, to be found in the log.
+    # Acknowledged without an offset: librdkafka can report an event delivered with its
+    # offset unknown (seen right after a broker kill, the write retried by the idempotent
+    # producer). Kept by stream and index, to be found in the log.
     unplaced: list[Delivered] = field(default_factory=list)
     failed: int = 0
 

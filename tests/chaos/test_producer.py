@@ -32,9 +32,9 @@ def producer() -> RecordingProducer:
 
 
 def test_a_delivery_acknowledged_without_an_offset_is_kept_by_its_stream_and_index(producer):
-    """librdkafka reported a retry after a broker kill delivered with no offset (the broker
-    knew it as a duplicate of the write before): the old report's assertion killed the
-    sending thread, and the rest of that campaign run had no load."""
+    """librdkafka reported an event delivered with no offset right after a broker kill: the
+    old report's assertion killed the sending thread, and the rest of that campaign run
+    (broker restart, exactly-once, confluent) had no load."""
     producer.record(Delivered(b"s1", 3, -1, -1, (1.0,)), None, _Report(2, None))
     assert producer.delivered == []
     assert producer.unplaced == [Delivered(b"s1", 3, 2, -1, (1.0,))]
