@@ -308,6 +308,17 @@ class Served:
                 raise AssertionError(f"{sample_name}{labels} = {value} < {at_least}:\n{self.log()}")
             time.sleep(0.2)
 
+    def wait_metric_is(
+        self, sample_name: str, value: float, timeout: float = 60.0, **labels: str
+    ) -> None:
+        """Until the gauge is `value`: a gauge can pass through it on its way elsewhere, and
+        one already above a lower bound says nothing of a change yet to come."""
+        deadline = time.monotonic() + timeout
+        while (now := self.metric(sample_name, **labels)) != value:
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{sample_name}{labels} = {now}, not {value}:\n{self.log()}")
+            time.sleep(0.2)
+
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 60.0) -> int:
         """Send `sig` and wait for the exit code."""
         if self.process.poll() is None:

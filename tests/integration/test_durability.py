@@ -391,7 +391,10 @@ def test_a_static_member_restarted_within_the_session_timeout_keeps_its_partitio
     steady = serve(*args, "--instance-id", "pod-0")
     crashing = serve(*args, "--instance-id", "pod-1", ready=False)
     crashing.wait_ready()
-    steady.wait_metric("hiddenstate_assigned_partitions", 2)  # wait out the first rebalance
+    # Wait out the first rebalance: the first member holds all four partitions until it
+    # has revoked two, and the second is ready before it is assigned any.
+    steady.wait_metric_is("hiddenstate_assigned_partitions", 2)
+    crashing.wait_metric_is("hiddenstate_assigned_partitions", 2)
     held = steady.metric("hiddenstate_assigned_partitions")
     crashing.stop(signal.SIGKILL)
     restarted = serve(*args, "--instance-id", "pod-1")
