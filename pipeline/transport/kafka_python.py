@@ -221,7 +221,7 @@ class KafkaSource:
                 # a network cut while a member took partitions over). The loop tries again.
                 raise KafkaUnavailableError(
                     f"the committed offset of {self._topic}[{partition}] was not fetched "
-                    f"within {TRANSACTION_CALL_TIMEOUT_S:.0f} s (is the broker away?): {exc!r}"
+                    f"(bound {TRANSACTION_CALL_TIMEOUT_S:.0f} s; is the broker away?): {exc!r}"
                 ) from exc
             committed[partition] = offset
             if reads_from_there(partition, offset, reading_from):
